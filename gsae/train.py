@@ -1,0 +1,193 @@
+"""The SAE training loop (SAELens' trainer cannot feed a per-token gradient to the encoder, so gsae owns it).
+
+One loop for both arms: the TopK arm is the g-SAE with beta = 0, fed the identical (x, g) stream.
+Adam with linear warm-up and linear decay; loss = FVU + aux_coef * AuxK; decoder rows renormalised to
+unit norm after every step, with the gradient component parallel to each row removed before it.
+A latent's "tokens since fired" counter drives the dead mask (window counted in tokens, as Gao et al.).
+
+Crash safety: a checkpoint (safetensors + JSON, written atomically) every ``checkpoint_every`` steps;
+``train_sae`` resumes from the latest one and, because the batch stream is a pure function of the seed,
+reproduces the uninterrupted run exactly. A non-finite loss or gradient stops training with
+``TrainingDiverged`` and leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from . import io
+from .config import SAEConfig, TrainConfig
+from .sae import GSAE
+
+CKPT_TENSORS = "checkpoint.safetensors"
+CKPT_STATE = "checkpoint.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainResult(NamedTuple):
+    sae: GSAE
+    history: list[dict]
+    """One row per logged step: step, tokens, lr, fvu, auxk, l0, dead_fraction."""
+    tokens_since_fired: torch.Tensor
+    """[d_sae] training tokens since each latent last fired (dead if >= dead_tokens)."""
+    n_tokens: int
+    seconds: float
+
+
+def lr_multiplier(step: int, n_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over the first warmup_frac of steps, flat, then linear decay to 0 over the last decay_frac."""
+    warm = max(1, round(cfg.warmup_frac * n_steps)) if cfg.warmup_frac > 0 else 0
+    decay = round(cfg.decay_frac * n_steps)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if decay and step >= n_steps - decay:
+        return max(0.0, (n_steps - step) / decay)
+    return 1.0
+
+
+def _adam_tensors(opt: torch.optim.Adam, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in params.items():
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                out[f"adam.{name}.{key}"] = st[key]
+        if "step" in st:
+            out[f"adam.{name}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    return out
+
+
+def save_checkpoint(ckpt_dir: Path, sae: GSAE, opt: torch.optim.Adam, tsf: torch.Tensor, step: int,
+                    history: list[dict]) -> None:
+    params = dict(sae.named_parameters())
+    tensors = {f"sae.{k}": v.detach() for k, v in params.items()}
+    tensors.update(_adam_tensors(opt, params))
+    tensors["tokens_since_fired"] = tsf
+    # Tensors first, then the JSON that names their hash: a crash between the two leaves the previous
+    # JSON pointing at a hash that no longer matches, so the checkpoint is ignored, never half-trusted.
+    digest = io.save_tensors(ckpt_dir / CKPT_TENSORS, tensors)
+    io.write_json(ckpt_dir / CKPT_STATE, {"step": step, "sha256": digest, "history": history})
+
+
+def load_checkpoint(ckpt_dir: Path, sae: GSAE, opt: torch.optim.Adam) -> tuple[int, torch.Tensor, list[dict]] | None:
+    state_p, tens_p = ckpt_dir / CKPT_STATE, ckpt_dir / CKPT_TENSORS
+    if not (state_p.exists() and tens_p.exists()):
+        return None
+    state = io.read_json(state_p)
+    if io.sha256_file(tens_p) != state["sha256"]:
+        return None  # torn write: start from scratch rather than trust it
+    t = io.load_tensors(tens_p)
+    params = dict(sae.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(t[f"sae.{name}"])
+            if f"adam.{name}.exp_avg" in t:
+                opt.state[p] = {"step": t[f"adam.{name}.step"].reshape(()).clone(),
+                                "exp_avg": t[f"adam.{name}.exp_avg"].clone(),
+                                "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].clone()}
+    return state["step"], t["tokens_since_fired"].clone(), state["history"]
+
+
+def _all_finite(sae: GSAE, loss: torch.Tensor) -> bool:
+    if not torch.isfinite(loss):
+        return False
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in sae.parameters())
+
+
+def train_sae(
+    sae_cfg: SAEConfig,
+    cfg: TrainConfig,
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | Iterable,
+    *,
+    ckpt_dir: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    log_every: int = 10,
+) -> TrainResult:
+    """Train one SAE on ``batches`` (an iterable, or a zero-argument callable returning an iterator, of
+    (x [N, d_in], g [N, d_in]) float32 batches of ``cfg.batch_size`` rows; x alone is accepted for TopK).
+
+    The number of steps is ``cfg.tokens // cfg.batch_size``. With ``ckpt_dir``, training resumes from
+    the latest valid checkpoint there (skipping the batches already consumed)."""
+    n_steps = cfg.tokens // cfg.batch_size
+    sae = GSAE(sae_cfg, seed=cfg.seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    k_aux = cfg.k_aux or sae_cfg.d_in // 2
+    tsf = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
+    history: list[dict] = []
+    start = 0
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
+    if ckpt_dir is not None:
+        resumed = load_checkpoint(ckpt_dir, sae, opt)
+        if resumed is not None:
+            start, tsf, history = resumed
+
+    stream = iter(batches() if callable(batches) else batches)
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not progress, leave=False)
+    for step in range(n_steps):
+        try:
+            batch = next(stream)
+        except StopIteration:
+            raise ValueError(f"the batch stream ended after {step} of {n_steps} steps; "
+                             f"give more data or lower train.tokens") from None
+        if step < start:
+            continue  # replaying the deterministic stream up to the checkpoint
+        x, g = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+        if step == 0:
+            sae.init_b_dec(x)
+        dead = tsf >= cfg.dead_tokens
+        out = sae(x, g, dead_mask=dead if cfg.aux_coef > 0 else None, k_aux=k_aux)
+        loss = out.fvu + cfg.aux_coef * out.auxk_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not _all_finite(sae, loss):
+            bar.close()
+            where = f"; the last good checkpoint in {ckpt_dir} is kept" if ckpt_dir else ""
+            raise TrainingDiverged(f"non-finite loss or gradient at step {step} (loss={loss.item()}){where}. "
+                                   f"Lower train.lr or check the harvested data for inf/NaN.")
+        sae.remove_gradient_parallel_to_decoder()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_multiplier(step, n_steps, cfg)
+        opt.step()
+        sae.set_decoder_norm_to_unit()
+
+        with torch.no_grad():
+            fired = torch.zeros(sae_cfg.d_sae, dtype=torch.bool)
+            fired[out.top_indices[out.top_acts > 0]] = True
+            tsf += x.shape[0]
+            tsf[fired] = 0
+        if step % log_every == 0 or step == n_steps - 1:
+            row = {"step": step, "tokens": (step + 1) * x.shape[0], "lr": opt.param_groups[0]["lr"],
+                   "fvu": out.fvu.item(), "auxk": out.auxk_loss.item(),
+                   "l0": (out.top_acts > 0).sum(-1).float().mean().item(),
+                   "dead_fraction": (tsf >= cfg.dead_tokens).float().mean().item()}
+            history.append(row)
+            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2%}")
+        bar.update(1)
+        if ckpt_dir is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < n_steps:
+            save_checkpoint(ckpt_dir, sae, opt, tsf, step + 1, history)
+    bar.close()
+    return TrainResult(sae, history, tsf, n_steps * cfg.batch_size, time.perf_counter() - t0)
+
+
+def dead_fraction(tokens_since_fired: torch.Tensor, dead_tokens: int) -> float:
+    return float((tokens_since_fired >= dead_tokens).float().mean())
+
+
+def n_steps_for(cfg: TrainConfig) -> int:
+    return cfg.tokens // cfg.batch_size
+
+
+def epochs_needed(cfg: TrainConfig, n_available: int) -> int:
+    return max(1, math.ceil(cfg.tokens / max(1, n_available)))

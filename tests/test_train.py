@@ -1,0 +1,129 @@
+"""Training loop: it learns, it is exactly reproducible, it resumes, it stops on NaN, and the arms share data."""
+
+import hashlib
+
+import pytest
+import torch
+
+from gsae.config import SAEConfig, TrainConfig
+from gsae.train import TrainingDiverged, lr_multiplier, train_sae
+
+D_IN, D_SAE, K = 16, 64, 4
+
+
+def synthetic_stream(seed: int, n_batches: int, batch: int = 128):
+    """Sparse ground truth: each x is a sum of K of D_SAE random unit directions; g is a fixed random map of x."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(D_SAE, D_IN, generator=gen)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    mix = torch.randn(D_IN, D_IN, generator=gen) / D_IN**0.5
+    for _ in range(n_batches):
+        idx = torch.rand(batch, D_SAE, generator=gen).topk(K, dim=-1).indices
+        coef = torch.rand(batch, K, generator=gen) * 2 + 0.5
+        x = (coef[..., None] * dirs[idx]).sum(1)
+        yield x, x @ mix
+
+
+def cfgs(beta=0.0, tokens=128 * 40, **kw):
+    return (SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, beta=beta),
+            TrainConfig(tokens=tokens, batch_size=128, lr=3e-3, dead_tokens=128 * 5, checkpoint_every=7, **kw))
+
+
+def weights_hash(sae) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(sae.state_dict().items()):
+        h.update(k.encode() + v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_loss_falls_and_history_is_logged():
+    s, t = cfgs()
+    res = train_sae(s, t, lambda: synthetic_stream(0, 100), progress=False)
+    assert res.history[-1]["fvu"] < 0.5 * res.history[0]["fvu"]
+    assert res.history[-1]["l0"] <= K
+    assert torch.allclose(res.sae.W_dec.norm(dim=1), torch.ones(D_SAE), atol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_same_seed_identical_weights_other_seed_differs(beta):
+    s, t = cfgs(beta)
+    a = train_sae(s, t, lambda: synthetic_stream(0, 100), progress=False)
+    b = train_sae(s, t, lambda: synthetic_stream(0, 100), progress=False)
+    assert weights_hash(a.sae) == weights_hash(b.sae)
+    s2, t2 = cfgs(beta, seed=1)
+    c = train_sae(s2, t2, lambda: synthetic_stream(0, 100), progress=False)
+    assert weights_hash(a.sae) != weights_hash(c.sae)
+
+
+def test_beta_changes_training_when_fed_the_same_stream():
+    a = train_sae(*cfgs(0.0), lambda: synthetic_stream(0, 100), progress=False)
+    b = train_sae(*cfgs(2.0), lambda: synthetic_stream(0, 100), progress=False)
+    assert weights_hash(a.sae) != weights_hash(b.sae)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    s, t = cfgs(1.0)
+    full = train_sae(s, t, lambda: synthetic_stream(0, 100), progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crashing_stream():
+        for i, b in enumerate(synthetic_stream(0, 100)):
+            if i == 23:  # die mid-run, after checkpoints at steps 7, 14, 21
+                raise Crash
+            yield b
+
+    with pytest.raises(Crash):
+        train_sae(s, t, crashing_stream, ckpt_dir=tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.json").exists()
+    resumed = train_sae(s, t, lambda: synthetic_stream(0, 100), ckpt_dir=tmp_path, progress=False)
+    assert weights_hash(resumed.sae) == weights_hash(full.sae)
+    assert torch.equal(resumed.tokens_since_fired, full.tokens_since_fired)
+
+
+def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
+    s, t = cfgs(0.0)
+
+    def poisoned():
+        for i, (x, g) in enumerate(synthetic_stream(0, 100)):
+            if i == 10:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            yield x, g
+
+    with pytest.raises(TrainingDiverged, match="step 10"):
+        train_sae(s, t, poisoned, ckpt_dir=tmp_path, progress=False)
+    from gsae.io import read_json
+
+    assert read_json(tmp_path / "checkpoint.json")["step"] == 7  # the last good one, untouched
+
+
+def test_auxk_gradient_reaches_only_dead_latents():
+    """AuxK trains dead latents on the live latents' residual and leaves live latents' parameters alone."""
+    from gsae.sae import GSAE
+
+    sae = GSAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K), seed=0)
+    x, _ = next(synthetic_stream(0, 1))
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # all pre-activations of the aux candidates positive, so gradients flow
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead_mask=dead, k_aux=D_IN // 2)
+    assert out.auxk_loss > 0
+    g_enc, g_dec, g_benc = torch.autograd.grad(out.auxk_loss, [sae.W_enc, sae.W_dec, sae.b_enc])
+    assert g_dec[~dead].abs().max() == 0 and g_dec[dead].abs().max() > 0
+    assert g_enc[:, ~dead].abs().max() == 0 and g_benc[~dead].abs().max() == 0
+
+
+def test_lr_schedule_shape():
+    t = TrainConfig(tokens=1000, batch_size=10, warmup_frac=0.1, decay_frac=0.2)
+    m = [lr_multiplier(i, 100, t) for i in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == 1.0 and m[50] == 1.0
+    assert m[80] == 1.0 and m[99] == pytest.approx(0.05) and all(0 <= v <= 1 for v in m)
+
+
+def test_stream_too_short_is_a_clear_error():
+    s, t = cfgs()
+    with pytest.raises(ValueError, match="stream ended"):
+        train_sae(s, t, lambda: synthetic_stream(0, 3), progress=False)
