@@ -1,0 +1,153 @@
+"""Tidy tables and seaborn figures for the notebooks (the notebooks only call these and show the result).
+
+Every saved figure gets a sibling entry in ``<figures_dir>/provenance.json``: the git commit, package
+versions, profile, seeds and data hashes of the run that drew it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; notebooks still display the returned Figure
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from . import io  # noqa: E402
+
+ARM_LABEL = {("topk", "g"): "TopK", ("topk", "plain"): "TopK", ("gsae", "g"): "g-SAE (g-encode)",
+             ("gsae", "plain"): "g-SAE (plain-encode)"}
+PALETTE = {"TopK": "#444444", "g-SAE (g-encode)": "#d62728", "g-SAE (plain-encode)": "#1f77b4"}
+
+
+def metrics_frame(rows: Sequence[dict[str, Any]], variant: str = "primary") -> pd.DataFrame:
+    """Long table: one row per (arm label, k, seed, metric) for one variant; TopK counted once (its modes agree)."""
+    out = []
+    for r in rows:
+        if r["variant"] != variant or (r["arm"] == "topk" and r["encode_mode"] == "g"):
+            continue
+        label = ARM_LABEL[r["arm"], r["encode_mode"]]
+        for m, v in r["metrics"].items():
+            out.append({"arm": label, "k": r["k"], "seed": r["seed"], "metric": m, "value": v})
+    return pd.DataFrame(out)
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and t-interval half-width over seeds (nan half-width for a single value)."""
+    from scipy import stats
+
+    a = np.asarray(values, dtype=float)
+    if len(a) < 2:
+        return float(a.mean()), float("nan")
+    return float(a.mean()), float(stats.t.ppf(0.5 + level / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+
+
+def summary_table(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Per arm and k: mean ± 95% CI over seeds of each metric (what the closing note and README quote)."""
+    rows = []
+    for (arm, k), g in df[df.metric.isin(metrics)].groupby(["arm", "k"]):
+        row: dict[str, Any] = {"arm": arm, "k": k}
+        for m in metrics:
+            mean, half = mean_ci(g[g.metric == m].value.tolist())
+            row[m] = f"{mean:.4g} ± {half:.2g}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_vs_k(df: pd.DataFrame, metrics: Sequence[str], titles: Sequence[str] | None = None,
+              logy: Sequence[bool] | None = None) -> plt.Figure:
+    """One panel per metric: value vs L0 (= k) on a log axis, mean ± 95% CI over seeds, one line per arm."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
+    for i, m in enumerate(metrics):
+        ax = axes[0, i]
+        sub = df[df.metric == m]
+        sns.lineplot(data=sub, x="k", y="value", hue="arm", marker="o", errorbar=("ci", 95), palette=PALETTE,
+                     ax=ax, err_style="bars", err_kws={"capsize": 3})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(sub.k.unique()))
+        ax.set_xticklabels([str(k) for k in sorted(sub.k.unique())])
+        if logy and logy[i]:
+            ax.set_yscale("log")
+        ax.set_xlabel("L0 (k)")
+        ax.set_ylabel(m)
+        ax.set_title(titles[i] if titles else m)
+        if i:
+            ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def plot_beta_ablation(selection: dict[str, Any]) -> plt.Figure:
+    """Validation ΔCE and dead fraction against beta at the selection k (beta = 0 is TopK at the chosen lr)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    trials = pd.DataFrame(selection["trials"])
+    topk = trials[(trials.arm == "topk") & (trials.lr == selection["lr"])]
+    g = trials[trials.arm == "gsae"].copy()
+    g["encoder"] = g.encode_mode.map({"g": "g-encode", "plain": "plain-encode"})
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for ax, m in zip(axes, ("delta_ce", "dead_fraction"), strict=True):
+        sns.lineplot(data=g, x="beta", y=m, hue="encoder", marker="o", ax=ax,
+                     palette={"g-encode": PALETTE["g-SAE (g-encode)"], "plain-encode": PALETTE["g-SAE (plain-encode)"]})
+        ax.axhline(float(topk[m].iloc[0]), color=PALETTE["TopK"], ls="--", label="TopK (beta = 0)")
+        ax.axvline(selection["beta"], color="0.7", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(f"{m} on validation, k = {selection['k']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_frequency_histogram(freqs: dict[str, np.ndarray]) -> plt.Figure:
+    """log10 firing frequency of live latents per arm (dead latents counted in the legend)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, f in freqs.items():
+        live = f[f > 0]
+        sns.histplot(np.log10(live), bins=40, element="step", fill=False, ax=ax, color=PALETTE.get(label),
+                     label=f"{label} ({(f == 0).sum()} dead)")
+    ax.set_xlabel("log10 firing frequency on the test split")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_steering(df: pd.DataFrame, metric: str = "kl") -> plt.Figure:
+    """Per-latent steering effects: one panel per alpha, box plots over latents, TopK vs g-SAE per k."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    alphas = sorted(df.alpha.unique())
+    fig, axes = plt.subplots(1, len(alphas), figsize=(4.6 * len(alphas), 3.8), squeeze=False, sharey=False)
+    for ax, a in zip(axes[0], alphas, strict=True):
+        sub = df[(df.alpha == a) & (df.metric == metric)]
+        sns.boxplot(data=sub, x="k", y="value", hue="arm", ax=ax, palette=PALETTE, fliersize=1.5)
+        ax.set_title(f"alpha = {a:g} x median ||x||")
+        ax.set_ylabel(metric)
+        if metric == "kl":
+            ax.set_yscale("log")
+        if ax is not axes[0][0]:
+            ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def plot_probing(df: pd.DataFrame) -> plt.Figure:
+    return plot_vs_k(df, ["probe_auc_pos", "probe_auc_genre"],
+                     ["POS tags: best single latent AUC", "Genres: best single latent AUC"])
+
+
+def save_figure(fig: plt.Figure, path: str | Path, provenance: dict[str, Any]) -> Path:
+    """Write ``fig`` as PNG atomically and record its provenance next to it."""
+    path = Path(path)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+    prov_path = path.parent / "provenance.json"
+    prov = io.read_json(prov_path) if prov_path.exists() else {}
+    prov[path.name] = provenance
+    io.write_json(prov_path, prov)
+    return path
