@@ -1,0 +1,480 @@
+"""Harvest (x, g) pairs at one hook of a frozen LM, store them in resumable shards, and read them back.
+
+The g-SAE selection score needs, for every token, the residual activation ``x`` at the SAE site and the
+gradient ``g`` of the LM loss with respect to it. ``capture`` gets both from ONE forward and ONE backward:
+a forward hook swaps the activation for a detached leaf tensor, so nothing below the hook builds a graph
+and the backward stops at the hook.
+
+Gradient scale. ``g = d(sum over predicted tokens of next-token CE) / dx`` -- the SUM of the per-token
+losses, not their mean. A mean would divide every token's gradient by B*(T-1), so the same token would
+get a smaller g in a bigger batch or a longer context, and beta (which multiplies |W_dec g|) would
+change meaning with the harvest settings. With the sum, g at position t is the effect of x_t on the
+losses at positions t..T-2 of its own context, whatever the batch size.
+
+Rows kept. The last position has no next token, so it has no loss of its own and its g is exactly 0
+(under causal attention it reaches only its own, unscored, logits); it is always dropped. Position 0
+(attention-sink / BOS-like outliers) is dropped when ``exclude_pos0``.
+
+On disk: ``shard_00000.safetensors`` ... with ``x`` and ``g`` [n, d] in the storage dtype and int64
+``tokens``, ``ctx_index``, ``pos`` [n] that map each row back to its context and position; a sidecar
+``shard_00000.json`` (sha256, row count, statistics) written after each shard is the resume point; and
+``manifest.json`` (gsae.io) marks the harvest complete. Shard i always covers the same contexts, so a
+re-run after a crash recomputes exactly the missing shards and produces the same bytes (same device,
+thread count and ``batch_contexts``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from .config import HarvestConfig
+from .io import (
+    IntegrityError,
+    load_tensors,
+    read_json,
+    read_manifest,
+    save_tensors,
+    sha256_file,
+    verify_manifest,
+    write_json,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+GRADIENT_DEFINITION = "g = d(sum over predicted tokens of next-token cross-entropy) / dx  (sum, not mean)"
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+ROW_INDEX_KEYS = ("tokens", "ctx_index", "pos")
+
+
+def rebuild_hint(harvest_dir: str | Path) -> str:
+    return f"delete the harvest directory {harvest_dir} and re-run the harvest stage to rebuild it"
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient capture
+# --------------------------------------------------------------------------------------------------
+
+
+class Capture(NamedTuple):
+    x: Tensor
+    """[B, T, d] activation at the hook (detached, model dtype and device)."""
+    g: Tensor
+    """[B, T, d] d(loss_sum)/dx; the last position is exactly 0."""
+    loss_sum: Tensor
+    """Scalar: sum of next-token cross-entropies over the B*(T-1) predicted tokens."""
+    n_pred: int
+    """Number of predicted tokens, B*(T-1)."""
+
+
+@contextlib.contextmanager
+def frozen_params(model: torch.nn.Module) -> Iterator[None]:
+    """Turn requires_grad off on every parameter for the duration (restored after), so the forward builds
+    no graph below the hook and autograd never allocates a parameter ``.grad``."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _check_tokens(tokens: Tensor, min_len: int) -> None:
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be an integer tensor [batch, ctx_len], got "
+                         f"{getattr(tokens, 'dtype', type(tokens))} {tuple(getattr(tokens, 'shape', ()))}")
+    if tokens.shape[1] < min_len:
+        raise ValueError(f"contexts must have at least {min_len} tokens (the last position has no next token "
+                         f"and is dropped), got ctx_len={tokens.shape[1]}; raise data.ctx_len")
+
+
+def _check_hook(model: HookedTransformer, hook_name: str) -> None:
+    if hook_name not in model.hook_dict:
+        resid = [n for n in model.hook_dict if "resid" in n][:6]
+        raise ValueError(f"model has no hook point {hook_name!r}; valid names look like {resid} "
+                         f"(see model.hook_dict)")
+
+
+def capture(model: HookedTransformer, tokens: Tensor, hook_name: str) -> Capture:
+    """Activation x and summed-loss gradient g at ``hook_name`` for every position of ``tokens`` [B, T].
+
+    g = d(sum_{b, t<T-1} CE(logits[b, t], tokens[b, t+1])) / dx  -- the SUM of per-token losses (module
+    docstring), so a sequence gets the same g alone or inside a batch, and g does not shrink as 1/(B(T-1)).
+    The model's parameters are frozen for the call (flags restored after); they never receive ``.grad``.
+    """
+    _check_tokens(tokens, 2)
+    _check_hook(model, hook_name)
+    leaves: list[Tensor] = []
+
+    def store_leaf(act: Tensor, hook: Any) -> Tensor:
+        # Detaching cuts the graph below the hook; the leaf is what we differentiate with respect to.
+        leaf = act.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf
+
+    with frozen_params(model), torch.enable_grad(), model.hooks(fwd_hooks=[(hook_name, store_leaf)]):
+        # padding_side="right": fixed-length windows have no padding, so TL must not build an attention
+        # mask from pad-token ids (which would mask real EOS tokens if the tokenizer pads on the left).
+        per_token = model(tokens, return_type="loss", loss_per_token=True, padding_side="right")
+        if len(leaves) != 1:
+            raise RuntimeError(f"hook {hook_name!r} fired {len(leaves)} times in one forward; expected once")
+        loss_sum = per_token.sum()
+        (g,) = torch.autograd.grad(loss_sum, leaves[0])
+    return Capture(x=leaves[0].detach(), g=g, loss_sum=loss_sum.detach(), n_pred=per_token.numel())
+
+
+# --------------------------------------------------------------------------------------------------
+# Harvest
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """Which contexts and rows every shard holds; a pure function of the harvest settings."""
+
+    n_tokens: int
+    """Rows in the whole harvest (the split's token budget)."""
+    ctx_len: int
+    """Tokens per context (T)."""
+    first_pos: int
+    """First kept position (1 with exclude_pos0, else 0); positions first_pos..T-2 are kept."""
+    ctx_per_shard: int
+    """Whole contexts per shard (the last shard may hold fewer, and its last context may be truncated)."""
+    n_contexts: int
+    """Contexts used: ceil(n_tokens / rows_per_ctx)."""
+
+    @property
+    def rows_per_ctx(self) -> int:
+        return self.ctx_len - 1 - self.first_pos
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_contexts / self.ctx_per_shard)
+
+    def contexts(self, shard: int) -> tuple[int, int]:
+        start = shard * self.ctx_per_shard
+        return start, min(start + self.ctx_per_shard, self.n_contexts)
+
+    def n_rows(self, shard: int) -> int:
+        start, stop = self.contexts(shard)
+        return min((stop - start) * self.rows_per_ctx, self.n_tokens - start * self.rows_per_ctx)
+
+
+def make_plan(n_tokens: int, ctx_len: int, n_available: int, cfg: HarvestConfig) -> ShardPlan:
+    first = 1 if cfg.exclude_pos0 else 0
+    rows_per_ctx = ctx_len - 1 - first
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be > 0, got {n_tokens}")
+    n_contexts = math.ceil(n_tokens / rows_per_ctx)
+    if n_contexts > n_available:
+        raise ValueError(f"harvesting {n_tokens} tokens needs {n_contexts} contexts of length {ctx_len} "
+                         f"({rows_per_ctx} kept positions each) but only {n_available} were given; "
+                         f"lower harvest.tokens for this split or supply more text")
+    return ShardPlan(n_tokens=n_tokens, ctx_len=ctx_len, first_pos=first,
+                     ctx_per_shard=max(1, cfg.shard_tokens // rows_per_ctx), n_contexts=n_contexts)
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def _sidecar(out_dir: Path, i: int) -> Path:
+    return out_dir / f"shard_{i:05d}.json"
+
+
+def _valid_sidecar(out_dir: Path, i: int, plan_hash: str) -> dict[str, Any] | None:
+    """The shard's sidecar record if the shard exists, belongs to this plan and matches its sha256."""
+    shard, side = out_dir / shard_name(i), _sidecar(out_dir, i)
+    if not (shard.exists() and side.exists()):
+        return None
+    try:
+        rec = read_json(side)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if rec.get("plan_hash") != plan_hash or rec.get("sha256") != sha256_file(shard):
+        return None
+    return rec
+
+
+def _harvest_shard(model: HookedTransformer, contexts: Tensor, plan: ShardPlan, i: int, cfg: HarvestConfig,
+                   hook_name: str, bar: tqdm) -> tuple[dict[str, Tensor], dict[str, float]]:
+    start, stop = plan.contexts(i)
+    n_rows, first, last = plan.n_rows(i), plan.first_pos, plan.ctx_len - 1  # keep positions first..last-1
+    dtype = DTYPES[cfg.dtype]
+    xs, gs = [], []
+    loss_sum, n_pred, done = 0.0, 0, 0
+    for b0 in range(start, stop, cfg.batch_contexts):
+        cap = capture(model, contexts[b0:min(b0 + cfg.batch_contexts, stop)], hook_name)
+        d = cap.x.shape[-1]
+        xs.append(cap.x[:, first:last].reshape(-1, d).to("cpu", dtype))
+        gs.append(cap.g[:, first:last].reshape(-1, d).to("cpu", dtype))
+        loss_sum += float(cap.loss_sum)
+        n_pred += cap.n_pred
+        step = min(xs[-1].shape[0], n_rows - done)
+        done += step
+        bar.update(step)
+    x, g = torch.cat(xs)[:n_rows], torch.cat(gs)[:n_rows]
+    ctx_index = torch.arange(start, stop).repeat_interleave(plan.rows_per_ctx)[:n_rows]
+    pos = torch.arange(first, last).repeat(stop - start)[:n_rows]
+    tensors = {"x": x, "g": g, "tokens": contexts[ctx_index, pos],
+               "ctx_index": ctx_index, "pos": pos}
+    # Statistics from the STORED values (after the dtype cast), so a resumed run reports the same numbers.
+    stats = {"sum_sq_g": float(g.double().pow(2).sum()), "sum_sq_x": float(x.double().pow(2).sum()),
+             "loss_sum": loss_sum, "n_pred": n_pred}
+    return tensors, stats
+
+
+def _check_disk(out_dir: Path, plan: ShardPlan, d: int, cfg: HarvestConfig) -> None:
+    row_bytes = 2 * d * DTYPES[cfg.dtype].itemsize + len(ROW_INDEX_KEYS) * 8
+    predicted = plan.n_tokens * row_bytes + 4096 * plan.n_shards
+    already = sum((out_dir / shard_name(i)).stat().st_size for i in range(plan.n_shards)
+                  if (out_dir / shard_name(i)).exists())
+    needed = max(predicted - already, 0)
+    free = shutil.disk_usage(out_dir).free
+    if free < 1.2 * needed:
+        raise OSError(f"not enough disk for the harvest in {out_dir}: it needs ~{needed / 1e9:.2f} GB "
+                      f"(x 1.2 margin = {1.2 * needed / 1e9:.2f} GB) but {free / 1e9:.2f} GB are free; free space, "
+                      f"lower harvest.tokens, or set harvest.dtype=float16 to halve it")
+
+
+def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, out_dir: str | Path, *,
+            n_tokens: int, cfg: HarvestConfig | None = None, meta: dict[str, Any] | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Harvest ``n_tokens`` (x, g) rows at ``hook_name`` from ``contexts_tokens`` [n_ctx, T] into ``out_dir``.
+
+    Contexts are used in order; each keeps positions 1..T-2 (0..T-2 without ``cfg.exclude_pos0``). Returns
+    the manifest. Resumable: a complete, verifying harvest is returned as is; otherwise shards whose sidecar
+    matches are kept and the others recomputed. ``meta`` (e.g. model and data hashes) goes into the manifest
+    and the plan hash, so a directory built from other inputs is never silently reused.
+    """
+    cfg = cfg or HarvestConfig()
+    _check_tokens(contexts_tokens, 3 if cfg.exclude_pos0 else 2)
+    _check_hook(model, hook_name)
+    meta = dict(meta or {})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(int(n_tokens), contexts_tokens.shape[1], contexts_tokens.shape[0], cfg)
+    contexts = contexts_tokens[:plan.n_contexts].to("cpu", torch.int64).contiguous()
+    contexts_sha = hashlib.sha256(contexts.numpy().tobytes()).hexdigest()
+    plan_record = {"plan": dataclasses.asdict(plan), "hook_name": hook_name, "dtype": cfg.dtype,
+                   "batch_contexts": cfg.batch_contexts, "contexts_sha256": contexts_sha, "meta": meta}
+    plan_hash = hashlib.sha256(json.dumps(plan_record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    existing = read_manifest(out_dir)
+    if existing is not None:
+        if existing.get("plan_hash") != plan_hash:
+            raise ValueError(f"{out_dir} already holds a complete harvest of different inputs or settings "
+                             f"(plan {existing.get('plan_hash')} != {plan_hash}); delete it or use another directory")
+        try:
+            return verify_manifest(out_dir, rebuild_hint(out_dir))
+        except IntegrityError as e:
+            log.warning("harvest manifest does not verify (%s); rebuilding the bad shards", e)
+            (out_dir / "manifest.json").unlink()
+
+    for stale in out_dir.glob(".*.tmp"):  # temp files of writes killed mid-way (gsae.io.atomic_path)
+        stale.unlink()
+    d = model.cfg.d_model
+    _check_disk(out_dir, plan, d, cfg)
+
+    records, reused = [], 0
+    bar = tqdm(total=plan.n_tokens, unit="tok", unit_scale=True, desc=f"harvest {hook_name}", disable=not progress)
+    with bar:
+        for i in range(plan.n_shards):
+            rec = _valid_sidecar(out_dir, i, plan_hash)
+            if rec is not None:
+                reused += 1
+                bar.update(rec["n_rows"])
+            else:
+                tensors, stats = _harvest_shard(model, contexts, plan, i, cfg, hook_name, bar)
+                start, stop = plan.contexts(i)
+                # One metadata key only: safetensors stores metadata in a hash map whose order is not
+                # fixed, and several keys could make the bytes (and sha256) differ between runs.
+                info = json.dumps({"shard": i, "ctx_start": start, "ctx_stop": stop, "plan_hash": plan_hash})
+                sha = save_tensors(out_dir / shard_name(i), tensors, metadata={"gsae": info})
+                rec = {"file": shard_name(i), "sha256": sha, "n_rows": plan.n_rows(i), "ctx_start": start,
+                       "ctx_stop": stop, "plan_hash": plan_hash, **stats}
+                write_json(_sidecar(out_dir, i), rec)
+            records.append(rec)
+
+    n = sum(r["n_rows"] for r in records)
+    mean_sq_g = sum(r["sum_sq_g"] for r in records) / n
+    mean_sq_x = sum(r["sum_sq_x"] for r in records) / n
+    if mean_sq_g <= 0:
+        raise RuntimeError("every harvested gradient is zero; check hook_name (it must lie below the logits)")
+    manifest_meta = {
+        "stage": "harvest", "hook_name": hook_name, "d_model": d, "dtype": cfg.dtype, "n_tokens": n,
+        "ctx_len": plan.ctx_len, "first_pos": plan.first_pos, "n_contexts": plan.n_contexts,
+        "config": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan), "plan_hash": plan_hash,
+        "contexts_sha256": contexts_sha, "meta": meta, "gradient_definition": GRADIENT_DEFINITION,
+        "shards": [{k: r[k] for k in ("file", "n_rows", "ctx_start", "ctx_stop")} for r in records],
+        "grad_stats": {"mean_sq_norm_g": mean_sq_g, "mean_sq_norm_x": mean_sq_x,
+                       "grad_scale": math.sqrt(d / mean_sq_g),
+                       "mean_loss": sum(r["loss_sum"] for r in records) / sum(r["n_pred"] for r in records)},
+        "resumed_shards": reused,
+    }
+    return write_manifest(out_dir, manifest_meta, files=[r["file"] for r in records])
+
+
+# --------------------------------------------------------------------------------------------------
+# Reader
+# --------------------------------------------------------------------------------------------------
+
+
+class HarvestRows(NamedTuple):
+    x: Tensor
+    """[n, d] float32 activations."""
+    g: Tensor
+    """[n, d] float32 gradients."""
+    meta: dict[str, Tensor]
+    """int64 [n] tensors ``tokens``, ``ctx_index``, ``pos`` mapping each row to its context and position."""
+
+
+class ActivationReader:
+    """Reads a completed harvest: seeded shuffled (x, g) batches with bounded memory, or all rows at once.
+
+    With ``verify`` every shard's sha256 is checked against the manifest each time it is loaded, so a
+    corrupted file raises ``IntegrityError`` naming it instead of feeding wrong numbers to training.
+    """
+
+    def __init__(self, harvest_dir: str | Path, *, verify: bool = True):
+        self.dir = Path(harvest_dir)
+        manifest = read_manifest(self.dir)
+        if manifest is None:
+            raise FileNotFoundError(f"{self.dir} has no manifest.json: the harvest did not complete; "
+                                    f"run (or re-run) the harvest stage")
+        self.manifest = manifest
+        self.verify = verify
+        self.shards: list[dict[str, Any]] = manifest["shards"]
+        self.n_tokens: int = int(manifest["n_tokens"])
+        self.d: int = int(manifest["d_model"])
+        if verify:
+            missing = [s["file"] for s in self.shards if not (self.dir / s["file"]).exists()]
+            if missing:
+                raise IntegrityError(f"{self.dir / missing[0]} listed in the manifest is missing; "
+                                     f"{rebuild_hint(self.dir)}")
+
+    def _load(self, i: int) -> dict[str, Tensor]:
+        name = self.shards[i]["file"]
+        sha = self.manifest["files"][name] if self.verify else None
+        return load_tensors(self.dir / name, sha256=sha, rebuild_hint=rebuild_hint(self.dir))
+
+    def _windows(self, seed: int, window: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Endless stream of shuffled windows: per epoch a new shard order, rows shuffled within W shards."""
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(len(self.shards), generator=gen).tolist()
+            for w in range(0, len(order), window):
+                parts = [self._load(i) for i in order[w:w + window]]
+                x = torch.cat([p["x"] for p in parts])
+                g = torch.cat([p["g"] for p in parts])
+                perm = torch.randperm(x.shape[0], generator=gen)
+                yield x[perm], g[perm]
+
+    def batches(self, batch_size: int, seed: int, *, epochs: int | None = None, n_tokens: int | None = None,
+                window: int = 2) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield float32 (x, g) batches of ``batch_size`` rows: ``epochs`` passes over the data or exactly
+        ``n_tokens`` rows (cycling epochs); the last batch holds the remainder. Batches run across window and
+        epoch boundaries. The same seed gives the identical stream."""
+        if (epochs is None) == (n_tokens is None):
+            raise ValueError("give exactly one of epochs= or n_tokens=")
+        if batch_size <= 0 or window <= 0:
+            raise ValueError(f"batch_size and window must be > 0, got {batch_size}, {window}")
+        remaining = n_tokens if n_tokens is not None else epochs * self.n_tokens
+        if remaining <= 0:
+            raise ValueError(f"nothing to read: epochs={epochs}, n_tokens={n_tokens}")
+        rest_x = rest_g = None
+        for x, g in self._windows(seed, window):
+            if rest_x is not None:
+                x, g = torch.cat([rest_x, x]), torch.cat([rest_g, g])
+            start = 0
+            while remaining > 0 and x.shape[0] - start >= min(batch_size, remaining):
+                n = min(batch_size, remaining)
+                yield (x[start:start + n].to(torch.float32, copy=True), g[start:start + n].to(torch.float32, copy=True))
+                start, remaining = start + n, remaining - n
+            if remaining == 0:
+                return
+            rest_x, rest_g = x[start:], g[start:]
+
+    def load_all(self, max_tokens: int | None = None) -> HarvestRows:
+        """The first ``max_tokens`` rows (all by default) in harvest order, as float32 (for eval-sized splits)."""
+        limit = self.n_tokens if max_tokens is None else min(max_tokens, self.n_tokens)
+        parts, have = [], 0
+        for i in range(len(self.shards)):
+            if have >= limit:
+                break
+            t = self._load(i)
+            take = min(t["x"].shape[0], limit - have)
+            parts.append({k: v[:take] for k, v in t.items()})
+            have += take
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return HarvestRows(x=cat["x"].float(), g=cat["g"].float(), meta={k: cat[k] for k in ROW_INDEX_KEYS})
+
+
+# --------------------------------------------------------------------------------------------------
+# Throughput
+# --------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(model: HookedTransformer, tokens: Tensor, hook_name: str, n_batches: int = 5) -> dict:
+    """Tokens/s of the harvest step vs two references on the same batch ``tokens`` [B, T], in this process.
+
+    - ``harvest``: ``capture`` at ``hook_name`` plus the row selection and the copy to CPU.
+    - ``fwd_bwd`` (the fair baseline): forward with the summed loss plus ONE autograd.grad with respect to the
+      embedding output (``blocks.0.hook_resid_pre``), params frozen: a full-depth forward+backward with no
+      weight gradients, i.e. what any gradient-at-a-layer method costs at worst. ratio > 1 means the harvest
+      step is cheaper, since its backward stops at the hook.
+    - ``forward``: inference-mode forward to the logits (the floor).
+    Token counts are input tokens B*T per step.
+    """
+    device = next(model.parameters()).device
+
+    def harvest_step() -> None:
+        cap = capture(model, tokens, hook_name)
+        cap.x[:, 1:-1].reshape(-1, cap.x.shape[-1]).to("cpu")
+        cap.g[:, 1:-1].reshape(-1, cap.g.shape[-1]).to("cpu")
+
+    def fwd_bwd_step() -> None:
+        capture(model, tokens, "blocks.0.hook_resid_pre")
+
+    def forward_step() -> None:
+        with torch.inference_mode():
+            model(tokens, return_type="logits")
+
+    steps = {"harvest": harvest_step, "fwd_bwd": fwd_bwd_step, "forward": forward_step}
+    seconds = dict.fromkeys(steps, 0.0)
+    for step in steps.values():
+        step()  # warm-up (allocator, kernels)
+    # Round-robin, so a change in machine load during the measurement hits all three alike.
+    for _ in range(n_batches):
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            seconds[name] += time.perf_counter() - t0
+    rates = {name: n_batches * tokens.numel() / s for name, s in seconds.items()}
+    return {"harvest_tok_per_s": rates["harvest"], "fwd_bwd_tok_per_s": rates["fwd_bwd"],
+            "forward_tok_per_s": rates["forward"], "ratio_vs_fwd_bwd": rates["harvest"] / rates["fwd_bwd"],
+            "ratio_vs_forward": rates["harvest"] / rates["forward"], "tokens_per_batch": tokens.numel()}
