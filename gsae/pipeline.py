@@ -44,12 +44,13 @@ def cache_dir() -> Path:
 
 
 def results_dir(p: Profile) -> Path:
-    """Committed results for the default profile; other profiles keep theirs under runs/."""
-    return ROOT / "results" / p.name if p.name == "default" else run_dir(p) / "results"
+    """Small JSON results (committed for the default profile; results/smoke is git-ignored)."""
+    return ROOT / "results" / p.name
 
 
 def figures_dir(p: Profile) -> Path:
-    return ROOT / "figures" if p.name == "default" else run_dir(p) / "figures"
+    """figures/ holds the committed default-profile figures; other profiles draw into results/<profile>/figures."""
+    return ROOT / "figures" if p.name == "default" else results_dir(p) / "figures"
 
 
 def registry_append(p: Profile, event: dict[str, Any]) -> None:
