@@ -1,0 +1,68 @@
+"""End to end: ./run_all.sh --profile smoke through papermill, then sanity checks on what it produced.
+
+This is the slowest test (a few minutes: the tiny LM trains once, then is cached under runs/_cache)."""
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "smoke"
+
+
+@pytest.fixture(scope="module")
+def smoke_run():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    out = subprocess.run(["./run_all.sh", "--profile", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=1500)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
+    for nb in sorted((ROOT / "notebooks").glob("0*.ipynb")):
+        assert (ROOT / "runs" / "smoke" / "notebooks" / nb.name).exists(), nb.name
+    rows = [json.loads(line) for line in (RESULTS / "metrics.jsonl").read_text().splitlines()]
+    assert rows, "no metrics"
+    primary = [r for r in rows if r["variant"] == "primary"]
+    for r in rows:
+        for key, v in r["metrics"].items():
+            assert math.isfinite(v), (r["variant"], r["arm"], r["k"], key, v)
+        m = r["metrics"]
+        assert 0 <= m["dead_fraction"] <= 1 and 0 <= m["fvu"] < 2
+        assert m["l0"] <= r["k"] + 1e-6
+        assert m["kl"] >= 0 and m["ce_spliced"] > 0
+    # More latents per token reconstruct better: TopK's mean delta_ce over seeds shrinks from the smallest k
+    # to the largest (the direction, not a number, is what a working pipeline must get right).
+    def mean_delta(k):
+        vals = [r["metrics"]["delta_ce"] for r in primary if r["arm"] == "topk" and r["k"] == k
+                and r["encode_mode"] == "plain"]
+        return sum(vals) / len(vals)
+
+    ks = sorted({r["k"] for r in primary})
+    assert mean_delta(ks[-1]) < mean_delta(ks[0])
+    assert all(0 < r["metrics"]["recovered_zero"] <= 1.0001 for r in primary if r["arm"] == "topk")
+    sel = json.loads((RESULTS / "selection.json").read_text())
+    assert sel["beta"] > 0 and sel["lr"] > 0
+    prov = json.loads((RESULTS / "provenance.json").read_text())
+    assert prov["git"]["commit"] and prov["data"]["split_hash"] and prov["packages"]["torch"].startswith("2.13")
+    for fig in ("beta_ablation.png", "fidelity_delta_ce_kl.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
+        assert (RESULTS / "figures" / fig).stat().st_size > 1000, fig
+    assert (RESULTS / "SENSITIVITY.md").exists()
+    registry = (RESULTS / "runs.jsonl").read_text().splitlines()
+    assert any('"train_done"' in line for line in registry)
+
+
+@pytest.mark.slow
+def test_second_run_resumes_instead_of_recomputing(smoke_run):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    before = (RESULTS / "runs.jsonl").read_text().count('"train_start"')
+    out = subprocess.run(["./run_all.sh", "--profile", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (RESULTS / "runs.jsonl").read_text().count('"train_start"') == before  # nothing retrained
