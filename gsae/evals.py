@@ -271,6 +271,19 @@ def patched_logits(model: Any, tokens: Tensor, hook_name: str, first: int,
     return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, patch)], padding_side="right")
 
 
+def spliced_logits(model: Any, tokens: Tensor, hook_name: str, first: int, x_clean: Tensor, x_new: Tensor) -> Tensor:
+    """Logits with the hook activation set to ``x_new`` at positions first..T-1 (``x_clean`` before). For a
+    residual hook the forward restarts at the hook's block (``start_at_layer``), skipping the blocks below,
+    whose output is ``x_clean`` anyway; other hooks run the full forward with a patching hook."""
+    from .steering import restart_layer
+
+    start = restart_layer(model, hook_name)
+    if start is None:
+        return patched_logits(model, tokens, hook_name, first, lambda a: x_new)
+    resid = torch.cat([x_clean[:, :first], x_new[:, first:].to(x_clean.dtype)], dim=1)
+    return model(resid, start_at_layer=start, return_type="logits")
+
+
 # ------------------------------------------------------------------------------------------------ baselines
 def ablation_baselines(model: Any, tokens: Tensor, hook_name: str, *, mean_act: Tensor | None = None,
                        exclude_pos0: bool = True, batch_contexts: int = 8, progress: bool = True) -> AblationBaselines:
@@ -359,7 +372,7 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
         T = tok.shape[1]
         for name, mode in runs:
             x_hat, top_acts, top_indices = _encode_decode(saes[name], clean.x, clean.g if mode == "g" else None)
-            logits = patched_logits(model, tok, hook_name, first, lambda a, xh=x_hat: xh)
+            logits = spliced_logits(model, tok, hook_name, first, clean.x, x_hat)
             ce = next_token_ce(logits, tok, first)
             kl = kl_per_token(clean.logp, logits[:, first:T - 1])
             a = acc[name, mode]

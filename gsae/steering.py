@@ -100,7 +100,7 @@ def promoted_tokens(model: HookedTransformer, directions: Tensor, n_top: int) ->
 
 
 # ------------------------------------------------------------------------------------------------ forwards
-def _start_layer(model: HookedTransformer, hook_name: str) -> int | None:
+def restart_layer(model: HookedTransformer, hook_name: str) -> int | None:
     """Block index to restart the forward at for a residual hook (None: use a full forward with a hook)."""
     m = _RESID_HOOK.fullmatch(hook_name)
     if m is None or model.cfg.positional_embedding_type == "shortformer":
@@ -186,7 +186,7 @@ def steer(model: HookedTransformer, directions: Tensor, tokens: Tensor, hook_nam
     tokens = tokens.to(device, torch.int64)
     dirs = directions.detach().to(device, torch.float32)
     top = top_tokens.to(device, torch.int64) if top_tokens is not None else None
-    start = _start_layer(model, hook_name)
+    start = restart_layer(model, hook_name)
     scored = slice(first, T - 1)
 
     # Clean pass, once: hook activations (fast path) and clean log-probs of the scored predictions.
