@@ -60,7 +60,7 @@ if [ "$profile" = default ]; then out=notebooks; else out=runs/$profile/notebook
 for nb in notebooks/[0-9][0-9]_*.ipynb; do
   name=$(basename "$nb")
   echo "== $name ($profile)"
-  tmp="$out/.$name.running"
+  tmp="$out/.running-$name"
   .venv/bin/papermill --log-level WARNING -k python3 -p profile "$profile" "$nb" "$tmp"
   mv "$tmp" "$out/$name"
 done
