@@ -276,13 +276,14 @@ def load_trained(p: Profile, spec: SAESpec, model_hash: str):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def _eval_context(p: Profile, lm, split: str):
-    """Tokens, ablation baselines and the harvested activations of a split (for eval / steering / probing)."""
+    """Tokens for the LM-based metrics (the first ``eval.lm_contexts`` harvested contexts of the split), their
+    ablation baselines, and the split's harvest reader (for the activation-based metrics)."""
     from .evals import ablation_baselines
 
     mh = lm.info["model_hash"]
     ctx = contexts(p, lm.tokenizer, mh)[split]
     rd = reader(p, split, mh)
-    n_ctx = rd.manifest["n_contexts"]
+    n_ctx = min(rd.manifest["n_contexts"], int(p.extra.get("eval", {}).get("lm_contexts", 10**9)))
     tokens = ctx.tokens[:n_ctx]
     mean_act = reader(p, "train", mh).load_all().x.mean(0)
     base = ablation_baselines(lm.model, tokens, p.model.hook_name, mean_act=mean_act,
@@ -291,25 +292,48 @@ def _eval_context(p: Profile, lm, split: str):
     return tokens, base, rd
 
 
-def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: bool = True,
-                   group_size: int = 4) -> dict[str, dict[str, dict[str, Any]]]:
-    """Fidelity metrics of each SAE in both encode modes on ``split``; cached per SAE as eval_<split>.json."""
+def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor, mode: str, chunk: int = 4096) -> dict[str, Any]:
+    """FVU, MSE, L0 and per-latent firing counts of one encoder over harvested rows (no LM forward needed)."""
+    from .evals import ReconstructionStats
+
+    stats = ReconstructionStats(sae.cfg.d_sae)
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            xb = x[i:i + chunk]
+            enc = sae.encode(xb, g[i:i + chunk] if mode == "g" else None)
+            stats.add(xb, sae.decode(enc.top_acts, enc.top_indices), enc.top_acts, enc.top_indices)
+    return {"fvu": stats.fvu, "mse": stats.mse, "l0": stats.l0, "counts": stats.counts, "n_act_tokens": stats.n,
+            "dead_fraction": float((stats.counts == 0).double().mean())}
+
+
+def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: bool = True
+                   ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Metrics of each SAE in both encode modes on ``split``, cached per SAE as eval_<split>.json.
+
+    LM-based metrics (spliced CE, KL, CE recovered) come from one pass over the split's first
+    ``eval.lm_contexts`` contexts shared by every SAE; activation-based metrics (FVU, MSE, L0, firing counts,
+    dead fraction) from every harvested token of the split."""
     from .evals import evaluate_saes
 
     mh = lm.info["model_hash"]
     todo = [s for s in specs if not (sae_dir(p, s, mh) / f"eval_{split}.json").exists()]
     if todo:
-        tokens, base, _ = _eval_context(p, lm, split)
-        for i in range(0, len(todo), group_size):
-            chunk = todo[i:i + group_size]
-            saes = {s.name: load_trained(p, s, mh) for s in chunk}
-            res = evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base,
-                                batch_contexts=p.extra.get("eval", {}).get("batch_contexts", 8), progress=progress)
-            for s in chunk:
-                d = sae_dir(p, s, mh)
-                io.save_tensors(d / f"firing_{split}.safetensors",
-                                {m: r.firing_counts for m, r in res[s.name].items()})
-                io.write_json(d / f"eval_{split}.json", {m: r.scalars() for m, r in res[s.name].items()})
+        tokens, base, rd = _eval_context(p, lm, split)
+        saes = {s.name: load_trained(p, s, mh) for s in todo}
+        res = evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base,
+                            batch_contexts=p.extra.get("eval", {}).get("batch_contexts", 8), progress=progress)
+        rows = rd.load_all()
+        for s in todo:
+            d = sae_dir(p, s, mh)
+            out, counts = {}, {}
+            for mode, r in res[s.name].items():
+                act = activation_metrics(saes[s.name], rows.x, rows.g, mode)
+                counts[mode] = act.pop("counts")
+                lm_part = {f"{k}_lm_subset" if k in ("fvu", "mse", "l0", "dead_fraction") else k: v
+                           for k, v in r.scalars().items()}
+                out[mode] = {**lm_part, **act, "n_lm_tokens": r.n_tokens}
+            io.save_tensors(d / f"firing_{split}.safetensors", counts)
+            io.write_json(d / f"eval_{split}.json", out)
     return {s.name: io.read_json(sae_dir(p, s, mh) / f"eval_{split}.json") for s in specs}
 
 
@@ -583,7 +607,7 @@ def firing_frequencies(p: Profile, lm, specs: list[SAESpec], k: int, seed: int) 
     for s in specs:
         if s.group == "primary" and s.k == k and s.seed == seed:
             counts = io.load_tensors(sae_dir(p, s, mh) / "firing_test.safetensors")
-            n = io.read_json(sae_dir(p, s, mh) / "eval_test.json")["plain"]["n_tokens"]
+            n = io.read_json(sae_dir(p, s, mh) / "eval_test.json")["plain"]["n_act_tokens"]
             for mode in (("plain",) if s.arm == "topk" else ("g", "plain")):
                 out[ARM_LABEL[s.arm, mode]] = (counts[mode].double() / n).numpy()
     return out
