@@ -21,7 +21,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# PASSIVE: idle OpenMP threads sleep instead of spinning, which matters on 2 shared cores (gsae.bench).
+export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 if [ "$profile" = paper ]; then export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}; else export HF_HUB_OFFLINE=1; fi
 export HF_DATASETS_OFFLINE=$HF_HUB_OFFLINE TRANSFORMERS_OFFLINE=$HF_HUB_OFFLINE
 

@@ -23,7 +23,7 @@ from . import io  # noqa: E402
 
 ARM_LABEL = {("topk", "g"): "TopK", ("topk", "plain"): "TopK", ("gsae", "g"): "g-SAE (g-encode)",
              ("gsae", "plain"): "g-SAE (plain-encode)"}
-PALETTE = {"TopK": "#444444", "g-SAE (g-encode)": "#d62728", "g-SAE (plain-encode)": "#1f77b4"}
+PALETTE = {"TopK": "#444444", "g-SAE (g-encode)": "#d62728", "g-SAE (plain-encode)": "#1f77b4", "g-SAE": "#d62728"}
 
 
 def metrics_frame(rows: Sequence[dict[str, Any]], variant: str = "primary") -> pd.DataFrame:

@@ -71,7 +71,8 @@ def load_lm(p: Profile, progress: bool = True):
     kw: dict[str, Any] = {}
     if p.model.name == "tiny":
         kw = {"config": models.TinyLMConfig(corpus=p.data.corpus, split_fracs=p.data.split_fracs,
-                                            split_seed=p.data.split_seed), "progress": progress}
+                                            split_seed=p.data.split_seed), "progress": progress,
+              "data_dir": cache_dir() / "corpus"}
     lm = models.load_model(p.model.name, cache_dir=cache_dir() / "models", **kw)
     n_layers = lm.model.cfg.n_layers
     if not 0 <= p.model.layer < n_layers:
@@ -224,6 +225,15 @@ def experiment_specs(p: Profile, d_in: int, grad_scale: float, beta: float, lr: 
     return specs
 
 
+def stage_file(p: Profile, stage: str, split: str = "test") -> str:
+    """Per-SAE result file name keyed by the settings that produced it, so a changed eval / steering /
+    probing config is recomputed rather than read stale."""
+    key = {"eval": p.extra.get("eval", {}), "firing": p.extra.get("eval", {}), "steer": p.extra.get("steering", {}),
+           "probe": p.extra.get("probing", {})}[stage]
+    ext = "safetensors" if stage == "firing" else "json"
+    return f"{stage}_{split}-{config_hash(key, n=8)}.{ext}"
+
+
 def sae_dir(p: Profile, spec: SAESpec, model_hash: str) -> Path:
     return run_dir(p) / "saes" / config_hash(p.model, p.data, p.harvest, model_hash, n=8) / spec.name
 
@@ -316,7 +326,7 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
     from .evals import evaluate_saes
 
     mh = lm.info["model_hash"]
-    todo = [s for s in specs if not (sae_dir(p, s, mh) / f"eval_{split}.json").exists()]
+    todo = [s for s in specs if not (sae_dir(p, s, mh) / stage_file(p, "eval", split)).exists()]
     if todo:
         tokens, base, rd = _eval_context(p, lm, split)
         saes = {s.name: load_trained(p, s, mh) for s in todo}
@@ -332,9 +342,9 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
                 lm_part = {f"{k}_lm_subset" if k in ("fvu", "mse", "l0", "dead_fraction") else k: v
                            for k, v in r.scalars().items()}
                 out[mode] = {**lm_part, **act, "n_lm_tokens": r.n_tokens}
-            io.save_tensors(d / f"firing_{split}.safetensors", counts)
-            io.write_json(d / f"eval_{split}.json", out)
-    return {s.name: io.read_json(sae_dir(p, s, mh) / f"eval_{split}.json") for s in specs}
+            io.save_tensors(d / stage_file(p, "firing", split), counts)
+            io.write_json(d / stage_file(p, "eval", split), out)
+    return {s.name: io.read_json(sae_dir(p, s, mh) / stage_file(p, "eval", split)) for s in specs}
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -392,7 +402,7 @@ def run_steering(p: Profile, lm, specs: list[SAESpec], progress: bool = True) ->
 
     cfg = p.extra.get("steering", {})
     mh = lm.info["model_hash"]
-    todo = [s for s in specs if not (sae_dir(p, s, mh) / "steer.json").exists()]
+    todo = [s for s in specs if not (sae_dir(p, s, mh) / stage_file(p, "steer")).exists()]
     if todo:
         tokens, _, rd = _eval_context(p, lm, "test")
         x_norm = steering.median_activation_norm(rd.load_all().x)
@@ -403,16 +413,16 @@ def run_steering(p: Profile, lm, specs: list[SAESpec], progress: bool = True) ->
         for s in todo:
             d = sae_dir(p, s, mh)
             sae = load_trained(p, s, mh)
-            counts = io.load_tensors(d / "firing_test.safetensors")["g" if s.arm == "gsae" else "plain"]
+            counts = io.load_tensors(d / stage_file(p, "firing"))["g" if s.arm == "gsae" else "plain"]
             ids = steering.sample_live_latents(counts, cfg.get("n_latents", 32), seed=0)
             dirs = sae.W_dec.detach()[ids]
             top = steering.promoted_tokens(lm.model, dirs, cfg.get("top_tokens", 5))
             r = steering.steer(lm.model, dirs, ctx, p.model.hook_name, [a * x_norm for a in alphas_rel],
                                first=int(p.harvest.exclude_pos0), top_tokens=top, progress=False)
-            io.write_json(d / "steer.json", {"alphas_rel": alphas_rel, "median_norm": x_norm,
+            io.write_json(d / stage_file(p, "steer"), {"alphas_rel": alphas_rel, "median_norm": x_norm,
                                               "latents": ids.tolist(), "kl": r.kl.tolist(),
                                               "logprob_gain": r.logprob_gain.tolist()})
-    return {s.name: io.read_json(sae_dir(p, s, mh) / "steer.json") for s in specs}
+    return {s.name: io.read_json(sae_dir(p, s, mh) / stage_file(p, "steer")) for s in specs}
 
 
 # ------------------------------------------------------------------------------------------------ probing
@@ -438,7 +448,7 @@ def run_probing(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> 
     from . import probing
 
     mh = lm.info["model_hash"]
-    todo = [s for s in specs if not (sae_dir(p, s, mh) / "probe.json").exists()]
+    todo = [s for s in specs if not (sae_dir(p, s, mh) / stage_file(p, "probe")).exists()]
     if todo:
         lab = probe_labels(p, lm)
         x, g = lab["rows"].x, lab["rows"].g
@@ -453,8 +463,8 @@ def run_probing(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> 
                 rg = probing.best_latent_auc(acts, lab["genre"], lab["genre_classes"])
                 out[mode] = {"probe_auc_pos": float(rp.mean_auc), "probe_auc_genre": float(rg.mean_auc),
                              "pos_auc": [float(a) for a in rp.auc], "genre_auc": [float(a) for a in rg.auc]}
-            io.write_json(sae_dir(p, s, mh) / "probe.json", out)
-    return {s.name: io.read_json(sae_dir(p, s, mh) / "probe.json") for s in specs}
+            io.write_json(sae_dir(p, s, mh) / stage_file(p, "probe"), out)
+    return {s.name: io.read_json(sae_dir(p, s, mh) / stage_file(p, "probe")) for s in specs}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -464,10 +474,10 @@ def collect_metrics(p: Profile, lm, specs: list[SAESpec]) -> list[dict[str, Any]
     rows = []
     for s in specs:
         d = sae_dir(p, s, mh)
-        ev = io.read_json(d / "eval_test.json")
+        ev = io.read_json(d / stage_file(p, "eval"))
         tr = io.read_json(d / "train.json")
-        st = io.read_json(d / "steer.json") if (d / "steer.json").exists() else None
-        pr = io.read_json(d / "probe.json") if (d / "probe.json").exists() else None
+        st = io.read_json(d / stage_file(p, "steer")) if (d / stage_file(p, "steer")).exists() else None
+        pr = io.read_json(d / stage_file(p, "probe")) if (d / stage_file(p, "probe")).exists() else None
         for mode in ("g", "plain"):
             m = {key: ev[mode][key] for key in ("delta_ce", "kl", "fvu", "mse", "l0", "dead_fraction",
                                                   "recovered_zero", "recovered_mean", "ce_clean", "ce_spliced")}
@@ -606,8 +616,8 @@ def firing_frequencies(p: Profile, lm, specs: list[SAESpec], k: int, seed: int) 
     out = {}
     for s in specs:
         if s.group == "primary" and s.k == k and s.seed == seed:
-            counts = io.load_tensors(sae_dir(p, s, mh) / "firing_test.safetensors")
-            n = io.read_json(sae_dir(p, s, mh) / "eval_test.json")["plain"]["n_act_tokens"]
+            counts = io.load_tensors(sae_dir(p, s, mh) / stage_file(p, "firing"))
+            n = io.read_json(sae_dir(p, s, mh) / stage_file(p, "eval"))["plain"]["n_act_tokens"]
             for mode in (("plain",) if s.arm == "topk" else ("g", "plain")):
                 out[ARM_LABEL[s.arm, mode]] = (counts[mode].double() / n).numpy()
     return out

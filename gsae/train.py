@@ -121,7 +121,7 @@ def train_sae(
     the latest valid checkpoint there (skipping the batches already consumed)."""
     n_steps = cfg.tokens // cfg.batch_size
     sae = GSAE(sae_cfg, seed=cfg.seed)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
     k_aux = cfg.k_aux or sae_cfg.d_in // 2
     tsf = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
     history: list[dict] = []

@@ -147,3 +147,116 @@ def test_bad_shapes_are_refused():
         sae.encode(torch.randn(3, D_IN + 1))
     with pytest.raises(ValueError, match="gradient shape"):
         sae.encode(torch.randn(3, D_IN), torch.randn(4, D_IN))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The sparse training path (selection without autograd, gradients through the chosen entries only)
+# against a dense fp32 reference written out here with plain autograd.
+# ------------------------------------------------------------------------------------------------------
+
+
+def dense_reference_loss(sae: GSAE, x, g, dead=None, k_aux=0, aux_coef=0.5):
+    """fvu + aux_coef * auxk, straight from the module docstring and Gao et al., all dense [N, d_sae]."""
+    c = sae.cfg
+    z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    s = z
+    if g is not None and c.beta > 0:
+        with torch.no_grad():
+            attr = (scale_grad(g, c) @ sae.W_dec.T).abs()
+        s = z + c.beta * z * attr
+    top_s, idx = s.detach().topk(c.k, dim=-1)
+    kept = s if c.value_mode == "score" else z
+    code = torch.zeros_like(z).scatter(-1, idx, torch.ones_like(top_s)) * kept.relu()
+    x_hat = code @ sae.W_dec + sae.b_dec
+    fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    loss = fvu
+    if dead is not None:
+        kk = min(k_aux, int(dead.sum()))
+        aux_idx = z.detach().masked_fill(~dead, -torch.inf).topk(kk, dim=-1).indices
+        aux_code = torch.zeros_like(z).scatter(-1, aux_idx, 1.0) * z.relu()
+        resid = (x - x_hat).detach()
+        auxk = (aux_code @ sae.W_dec - resid).pow(2).sum() / (resid - resid.mean(0)).pow(2).sum()
+        loss = loss + aux_coef * auxk
+    return loss, idx
+
+
+def fast_loss(sae: GSAE, x, g, dead=None, k_aux=0, aux_coef=0.5):
+    out = sae(x, g, dead_mask=dead, k_aux=k_aux)
+    return out.fvu + aux_coef * out.auxk_loss, out.top_indices
+
+
+PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+
+def grads_of(loss_fn, sae, x):
+    x = x.clone().requires_grad_(True)
+    loss, idx = loss_fn(x)
+    grads = torch.autograd.grad(loss, [getattr(sae, n) for n in PARAMS] + [x])
+    return loss.detach(), idx, dict(zip(PARAMS + ("x",), grads, strict=True))
+
+
+def dead_mask(n_dead: int, seed: int = 5) -> torch.Tensor:
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(seed))[:n_dead]] = True
+    return dead
+
+
+# n_dead vs k_aux = 8 and AUX_DENSE_MAX = 3: all dead taken (5), dense columns + top-k (20), sparse (40).
+@pytest.mark.parametrize("beta,value_mode", [(0.0, "z"), (1.5, "z"), (1.5, "score")])
+@pytest.mark.parametrize("n_dead", [0, 5, 20, 40])
+def test_sparse_training_path_matches_dense_reference_values_and_grads(beta, value_mode, n_dead):
+    from gsae import sae as sae_mod
+
+    assert 5 <= 8 < 20 <= sae_mod.AUX_DENSE_MAX * 8 < 40  # the cases really cover the three AuxK paths
+    x, g = data(300)
+    sae = make(beta, value_mode=value_mode, grad_scale=0.6)
+    with torch.no_grad():
+        sae.b_enc.add_(0.5)  # most pre-activations positive, so AuxK gradients are non-zero
+    dead = dead_mask(n_dead) if n_dead else None
+    ref_loss, ref_idx, ref = grads_of(lambda xx: dense_reference_loss(sae, xx, g, dead, 8), sae, x)
+    loss, idx, ours = grads_of(lambda xx: fast_loss(sae, xx, g, dead, 8), sae, x)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), (loss.item(), ref_loss.item())
+    for name, r in ref.items():
+        scale = r.abs().max().item()
+        assert scale > 0, name
+        err = (ours[name] - r).abs().max().item()
+        assert err < 1e-5 * scale + 1e-7, (name, err, scale)
+
+
+def test_forward_values_are_bit_identical_to_dense_topk():
+    """With autograd on, the values the sparse path produces are exactly those of the dense formulas."""
+    x, g = data()
+    for beta, mode in ((0.0, "z"), (2.0, "z"), (2.0, "score")):
+        sae = make(beta, value_mode=mode)
+        enc = sae.encode(x, g)
+        assert enc.top_acts.requires_grad
+        with torch.no_grad():
+            z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+            s = z if beta == 0 else z + beta * z * (g @ sae.W_dec.T).abs()
+            top_s, idx = s.topk(K, dim=-1, sorted=False)
+            vals = (top_s if mode == "score" else z.gather(-1, idx)).relu()
+        assert torch.equal(enc.top_indices, idx) and torch.equal(enc.top_acts, vals) and torch.equal(enc.pre_acts, z)
+        with torch.no_grad():
+            assert torch.equal(sae.encode(x, g).top_acts, vals)
+
+
+def test_pre_acts_output_keeps_its_dense_gradient():
+    """EncoderOutput.pre_acts stays differentiable: d sum(z) / d b_enc = N for every latent."""
+    x, _ = data(50)
+    sae = make(0.0)
+    (gb,) = torch.autograd.grad(sae.encode(x).pre_acts.sum(), [sae.b_enc])
+    assert torch.equal(gb, torch.full((D_SAE,), 50.0))
+
+
+def test_sampled_dots_half_precision_fallback_matches_dense():
+    from gsae.sae import _sampled_dots
+
+    gen = torch.Generator().manual_seed(0)
+    U, E = torch.randn(37, D_IN, generator=gen), torch.randn(D_SAE, D_IN, generator=gen)
+    idx = torch.rand(37, D_SAE, generator=gen).topk(K, dim=-1).indices
+    ref = (U.double() @ E.double().T).gather(-1, idx)
+    assert torch.allclose(_sampled_dots(U, E, idx).double(), ref, atol=1e-5)
+    assert torch.allclose(_sampled_dots(U.double(), E.double(), idx), ref, atol=1e-12)
+    half = _sampled_dots(U.bfloat16(), E.bfloat16(), idx).double()
+    assert torch.allclose(half, ref, atol=0.1 * ref.abs().max().item())
