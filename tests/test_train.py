@@ -127,3 +127,53 @@ def test_stream_too_short_is_a_clear_error():
     s, t = cfgs()
     with pytest.raises(ValueError, match="stream ended"):
         train_sae(s, t, lambda: synthetic_stream(0, 3), progress=False)
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_train import cfgs, synthetic_stream, weights_hash
+from gsae.train import train_sae
+
+def slow_stream():
+    for b in synthetic_stream(0, 100):
+        time.sleep(float(sys.argv[2]))
+        yield b
+
+s, t = cfgs(1.0)
+res = train_sae(s, t, slow_stream, ckpt_dir=sys.argv[1], progress=False)
+print(weights_hash(res.sae))
+"""
+
+
+def test_sigkill_mid_training_then_rerun_equals_uninterrupted(tmp_path):
+    """A training process killed with SIGKILL at a random point resumes from its checkpoint to the same weights."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), "0"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    ckpt = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), "0.05"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (ckpt / "checkpoint.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0.0, 0.5))  # somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    again = subprocess.run([sys.executable, str(script), str(ckpt), "0"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == ref.stdout.strip()
