@@ -484,8 +484,8 @@ def collect_metrics(p: Profile, lm, specs: list[SAESpec]) -> list[dict[str, Any]
             m["dead_fraction_train"] = tr["dead_fraction_train"]
             if st is not None:
                 for j, a in enumerate(st["alphas_rel"]):
-                    m[f"steer_kl@{a:g}"] = float(torch.tensor(st["kl"])[:, j].mean())
-                    m[f"steer_logprob@{a:g}"] = float(torch.tensor(st["logprob_gain"])[:, j].mean())
+                    m[f"steer_kl@{float(a)}"] = float(torch.tensor(st["kl"])[:, j].mean())
+                    m[f"steer_logprob@{float(a)}"] = float(torch.tensor(st["logprob_gain"])[:, j].mean())
             if pr is not None:
                 m["probe_auc_pos"] = pr[mode]["probe_auc_pos"]
                 m["probe_auc_genre"] = pr[mode]["probe_auc_genre"]
