@@ -358,3 +358,13 @@ def test_unregistered_profile_uses_its_own_grid_and_never_touches_the_readme(tmp
     assert C.main(["--profile", "smoke", "--root", str(tmp_path)]) == 0
     assert C.main(["--profile", "smoke", "--root", str(tmp_path), "--check"]) == 0
     assert not (tmp_path / "README.md").exists()
+
+
+def test_committed_readme_and_sensitivity_match_the_committed_results():
+    """The README's claims table and SENSITIVITY.md are exactly what gsae.claims generates from
+    results/default/metrics.jsonl: nobody typed a verdict."""
+    if not (REPO / "results" / "default" / "metrics.jsonl").exists():
+        pytest.skip("no committed default-profile results yet (run ./run_all.sh)")
+    pc = C.verdict_for_profile("default")
+    assert C.check_readme(REPO / "README.md", pc.claims_table), "README claims table is stale: python -m gsae.claims"
+    assert (REPO / "SENSITIVITY.md").read_text() == pc.sensitivity_md, "SENSITIVITY.md is stale"
