@@ -285,16 +285,22 @@ def load_trained(p: Profile, spec: SAESpec, model_hash: str):
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _eval_context(p: Profile, lm, split: str):
-    """Tokens for the LM-based metrics (the first ``eval.lm_contexts`` harvested contexts of the split), their
-    ablation baselines, and the split's harvest reader (for the activation-based metrics)."""
-    from .evals import ablation_baselines
-
+def _eval_tokens(p: Profile, lm, split: str):
+    """Tokens for the LM-based metrics (the first ``eval.lm_contexts`` harvested contexts of the split) and the
+    split's harvest reader (for the activation-based metrics)."""
     mh = lm.info["model_hash"]
     ctx = contexts(p, lm.tokenizer, mh)[split]
     rd = reader(p, split, mh)
     n_ctx = min(rd.manifest["n_contexts"], int(p.extra.get("eval", {}).get("lm_contexts", 10**9)))
-    tokens = ctx.tokens[:n_ctx]
+    return ctx.tokens[:n_ctx], rd
+
+
+def _eval_context(p: Profile, lm, split: str):
+    """``_eval_tokens`` plus the ablation baselines on those tokens (needed only by the splice evaluation)."""
+    from .evals import ablation_baselines
+
+    mh = lm.info["model_hash"]
+    tokens, rd = _eval_tokens(p, lm, split)
     mean_act = reader(p, "train", mh).load_all().x.mean(0)
     base = ablation_baselines(lm.model, tokens, p.model.hook_name, mean_act=mean_act,
                               exclude_pos0=p.harvest.exclude_pos0,
@@ -404,7 +410,7 @@ def run_steering(p: Profile, lm, specs: list[SAESpec], progress: bool = True) ->
     mh = lm.info["model_hash"]
     todo = [s for s in specs if not (sae_dir(p, s, mh) / stage_file(p, "steer")).exists()]
     if todo:
-        tokens, _, rd = _eval_context(p, lm, "test")
+        tokens, rd = _eval_tokens(p, lm, "test")  # steering needs no ablation baselines
         x_norm = steering.median_activation_norm(rd.load_all().x)
         alphas_rel = list(cfg.get("alphas", [0.25, 0.5, 1.0]))
         gen = torch.Generator().manual_seed(0)
