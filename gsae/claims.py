@@ -644,6 +644,28 @@ def find_figures(fig_dir: Path, claim_ids: list[str]) -> dict[str, Path]:
             if c in FIGURE_FOR_CLAIM and (fig_dir / FIGURE_FOR_CLAIM[c]).exists()}
 
 
+def selection_note(selection: dict[str, Any] | None, edges: dict[str, Any] | None) -> str:
+    """One Markdown sentence on how lr and beta were chosen and whether a choice sits on its grid's edge, from
+    ``results/<profile>/selection.json`` and ``selection_edges.json`` (empty when there is no selection)."""
+    if not selection:
+        return ""
+
+    def grid(trials: dict[str, float]) -> str:
+        vals = sorted(float(v) for v in trials)
+        return f"{vals[0]:g} … {vals[-1]:g}"
+
+    parts = [f"Selection on the validation split (k = {selection['k']}, seed {selection['seed']}, "
+             f"{selection['objective']}): lr {float(selection['lr']):g} (grid {grid(selection['lr_trials'])}), "
+             f"β {float(selection['beta']):g} (grid {grid(selection['beta_trials'])})."]
+    for name, c in sorted(((edges or {}).get("checks") or {}).items()):
+        verdict = ("scores better, so the registered choice is a limit of its grid, not an optimum"
+                   if c["would_move"] else "scores worse, so the registered choice is a local optimum")
+        parts.append(f"Grid-edge check (not registered; DEVIATIONS.md): {name} {float(c['beyond']):.3g} "
+                     f"(ΔCE {c['beyond_delta_ce']:.3f} vs {c['chosen_delta_ce']:.3f} at {float(c['chosen']):g}) "
+                     f"{verdict}.")
+    return " ".join(parts)
+
+
 def verdict_for_profile(profile: str, root: str | Path | None = None) -> ProfileClaims:
     """Everything ``python -m gsae.claims --profile <profile>`` would write, without writing it."""
     root = Path(root) if root is not None else ROOT
@@ -668,6 +690,11 @@ def verdict_for_profile(profile: str, root: str | Path | None = None) -> Profile
     note = (f"Computed by `python -m gsae.claims --profile {profile}` from `results/{profile}/metrics.jsonl` "
             f"(sha256 `{sha256_file(metrics_path)[:12]}`, {len(rows)} rows) with the rules of PREREG.md §2 "
             f"(prereg.yaml version {prereg.get('version')}); per-k numbers for every variant in SENSITIVITY.md.")
+    res_dir = root / "results" / profile
+    sel = selection_note(*(json.loads((res_dir / f).read_text()) if (res_dir / f).exists() else None
+                           for f in ("selection.json", "selection_edges.json")))
+    if sel:
+        note += " " + sel
     if not registered:
         note += (f" Profile `{profile}` is not the registered profile `{prereg.get('profile')}`: these numbers "
                  f"test the pipeline, never the claims (PREREG §7).")

@@ -62,14 +62,21 @@ def summary_table(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
 
 def plot_vs_k(df: pd.DataFrame, metrics: Sequence[str], titles: Sequence[str] | None = None,
               logy: Sequence[bool] | None = None) -> plt.Figure:
-    """One panel per metric: value vs L0 (= k) on a log axis, mean ± 95% CI over seeds, one line per arm."""
+    """One panel per metric: value vs L0 (= k) on a log axis, one line per arm, mean ± the 95% t-interval over
+    seeds (``mean_ci``, the interval the tables and the claims ledger use; seaborn's bootstrap CI is degenerate
+    with 3 seeds). Arms at the same k are nudged apart horizontally so their bars do not hide each other."""
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     for i, m in enumerate(metrics):
         ax = axes[0, i]
         sub = df[df.metric == m]
-        sns.lineplot(data=sub, x="k", y="value", hue="arm", marker="o", errorbar=("ci", 95), palette=PALETTE,
-                     ax=ax, err_style="bars", err_kws={"capsize": 3})
+        arms = [a for a in PALETTE if a in set(sub.arm)] + sorted(set(sub.arm) - set(PALETTE))
+        for j, arm in enumerate(arms):
+            stats = [(k, *mean_ci(g.value.tolist())) for k, g in sub[sub.arm == arm].groupby("k")]
+            ks = np.array([t[0] for t in stats], dtype=float) * 2 ** (0.04 * (j - (len(arms) - 1) / 2))
+            ax.errorbar(ks, [t[1] for t in stats], yerr=[0 if math.isnan(t[2]) else t[2] for t in stats],
+                        marker="o", ms=4, capsize=3, color=PALETTE.get(arm), label=arm)
+        ax.legend(fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(sub.k.unique()))
         ax.set_xticklabels([str(k) for k in sorted(sub.k.unique())])
@@ -84,8 +91,10 @@ def plot_vs_k(df: pd.DataFrame, metrics: Sequence[str], titles: Sequence[str] | 
     return fig
 
 
-def plot_beta_ablation(selection: dict[str, Any]) -> plt.Figure:
-    """Validation ΔCE and dead fraction against beta at the selection k (beta = 0 is TopK at the chosen lr)."""
+def plot_beta_ablation(selection: dict[str, Any], edges: dict[str, Any] | None = None) -> plt.Figure:
+    """Validation ΔCE and dead fraction against beta at the selection k (beta = 0 is TopK at the chosen lr).
+
+    ``edges`` (``pipeline.selection_edge_check``) adds its beta trial beyond the grid as an open marker."""
     sns.set_theme(style="whitegrid", context="notebook")
     trials = pd.DataFrame(selection["trials"])
     topk = trials[(trials.arm == "topk") & (trials.lr == selection["lr"])]
@@ -97,6 +106,10 @@ def plot_beta_ablation(selection: dict[str, Any]) -> plt.Figure:
                      palette={"g-encode": PALETTE["g-SAE (g-encode)"], "plain-encode": PALETTE["g-SAE (plain-encode)"]})
         ax.axhline(float(topk[m].iloc[0]), color=PALETTE["TopK"], ls="--", label="TopK (beta = 0)")
         ax.axvline(selection["beta"], color="0.7", lw=1)
+        check = (edges or {}).get("checks", {}).get("beta")
+        if check is not None:
+            ax.plot([check["beyond"]], [check["metrics"][m]], marker="o", mfc="none", ls="none",
+                    color=PALETTE["g-SAE (g-encode)"], label="beyond the grid (not registered)")
         ax.set_xscale("log")
         ax.set_title(f"{m} on validation, k = {selection['k']}")
         ax.legend(fontsize=8)

@@ -368,3 +368,18 @@ def test_committed_readme_and_sensitivity_match_the_committed_results():
     pc = C.verdict_for_profile("default")
     assert C.check_readme(REPO / "README.md", pc.claims_table), "README claims table is stale: python -m gsae.claims"
     assert (REPO / "SENSITIVITY.md").read_text() == pc.sensitivity_md, "SENSITIVITY.md is stale"
+
+
+def test_selection_note_reports_the_grid_edge_check_either_way():
+    sel = {"k": 32, "seed": 0, "objective": "delta_ce", "lr": 0.004, "beta": 0.1,
+           "lr_trials": {"0.001": 0.6, "0.004": 0.42}, "beta_trials": {"0.1": 0.39, "3.0": 0.54}}
+    assert C.selection_note(None, None) == ""
+    base = C.selection_note(sel, None)
+    assert "lr 0.004 (grid 0.001 … 0.004)" in base and "β 0.1 (grid 0.1 … 3)" in base and "edge" not in base
+    edges = {"checks": {"beta": {"chosen": 0.1, "chosen_delta_ce": 0.39, "beyond": 0.0333, "beyond_delta_ce": 0.38,
+                                 "would_move": True},
+                        "lr": {"chosen": 0.004, "chosen_delta_ce": 0.42, "beyond": 0.008, "beyond_delta_ce": 0.45,
+                               "would_move": False}}}
+    note = C.selection_note(sel, edges)
+    assert "beta 0.0333 (ΔCE 0.380 vs 0.390 at 0.1) scores better, so the registered choice is a limit" in note
+    assert "lr 0.008 (ΔCE 0.450 vs 0.420 at 0.004) scores worse, so the registered choice is a local optimum" in note

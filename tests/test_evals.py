@@ -320,3 +320,30 @@ def test_bad_inputs_raise_clear_errors(lm, topk, baselines):
     with pytest.raises(ValueError, match="exclude_pos0"):
         E.splice_ce(lm.model, topk, lm.tokens, HOOK, encode_mode="plain", exclude_pos0=False, baselines=baselines,
                     progress=False)
+
+
+def test_fvu_typical_leaves_out_massive_rows_by_hand():
+    """pipeline.activation_metrics: the pooled FVU over all rows and over rows with norm <= cap, by numpy."""
+    from gsae.pipeline import MASSIVE_NORM_FACTOR, activation_metrics, massive_norm_cap
+
+    gen = torch.Generator().manual_seed(3)
+    d = 8
+    x = torch.randn(200, d, generator=gen) + 2.0
+    x[[5, 77, 150]] *= 300.0  # three massive tokens, as in SmolLM2's residual stream
+    sae = GSAE(SAEConfig(d_in=d, d_sae=32, k=4))
+    cap = massive_norm_cap(x[:120])
+    assert cap == pytest.approx(MASSIVE_NORM_FACTOR * float(np.median(x[:120].double().norm(dim=-1).numpy())))
+    out = activation_metrics(sae, x, torch.zeros_like(x), "plain", chunk=64, norm_cap=cap)
+    with torch.no_grad():
+        enc = sae.encode(x)
+        xh = sae.decode(enc.top_acts, enc.top_indices).double().numpy()
+    xn = x.double().numpy()
+    keep = np.linalg.norm(xn, axis=1) <= cap
+
+    def fvu(a, b):
+        return ((a - b) ** 2).sum() / ((a - a.mean(0)) ** 2).sum()
+
+    assert out["n_massive"] == 3 and int((~keep).sum()) == 3
+    assert out["fvu"] == pytest.approx(fvu(xn, xh), rel=1e-9)
+    assert out["fvu_typical"] == pytest.approx(fvu(xn[keep], xh[keep]), rel=1e-9)
+    assert "fvu_typical" not in activation_metrics(sae, x, torch.zeros_like(x), "plain")
