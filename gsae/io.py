@@ -119,13 +119,20 @@ def verify_manifest(stage_dir: str | Path, rebuild_hint: str = "") -> dict[str, 
     return m
 
 
+RESULT_INPUTS = ("gsae", "profiles", "prereg.yaml", "requirements.lock", "pyproject.toml", "run_all.sh")
+"""The tracked paths whose uncommitted changes make a result "dirty". The run's own outputs (executed
+notebooks, results/, figures/, README's generated table) are left out: the default run rewrites them, so
+counting them would mark every default result dirty and the flag would say nothing."""
+
+
 def git_commit(repo: str | Path | None = None) -> dict[str, Any]:
+    """HEAD's sha and whether the code / configuration that produce results (``RESULT_INPUTS``) differ from it."""
     repo = Path(repo) if repo else Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *RESULT_INPUTS],
+                                    cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", False
     return {"commit": sha or "unknown", "dirty": dirty}

@@ -383,3 +383,16 @@ def test_selection_note_reports_the_grid_edge_check_either_way():
     note = C.selection_note(sel, edges)
     assert "beta 0.0333 (ΔCE 0.380 vs 0.390 at 0.1) scores better, so the registered choice is a limit" in note
     assert "lr 0.008 (ΔCE 0.450 vs 0.420 at 0.004) scores worse, so the registered choice is a local optimum" in note
+
+
+def test_glance_table_by_hand():
+    r = Results().set("delta_ce", topk=per_seed(0.5, [0.0, 0.1, 0.2]), gsae=per_seed(0.4, [0.0, 0.0, 0.3]),
+                      ks=(8,))
+    r.set("delta_ce", topk=per_seed(0.5, [0.0, 0.1, 0.2]), gsae=per_seed(0.45, [0.0, 0.0, 0.0]), ks=(8,),
+          g_mode="plain", topk_modes=())
+    table = C.render_glance_table(r.list(), [8])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, df 2) * sd / sqrt(n), sd of {0, .1, .2} = 0.1
+    assert f"| 8 | TopK | 3 | 0.600 ± {half:.3f} |" in table
+    assert "| 8 | g-SAE, g-encode | 3 | 0.500 ± 0." in table
+    assert "| 8 | g-SAE, plain-encode | 3 | 0.450 ± 0.000 |" in table
+    assert "KL" not in table  # columns without data are left out
