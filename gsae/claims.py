@@ -396,6 +396,24 @@ class Robustness(NamedTuple):
     """"robust", "fragile", "incomplete" (no disagreement, some variant not tested) or "not tested"."""
     disagreeing: tuple[str, ...]
     untested: tuple[str, ...]
+    same_as_primary: tuple[str, ...] = ()
+    """Trained variants whose SAEs turned out identical to the primary's (``same_as_primary_variants``): they
+    neither agree nor disagree, and are left out of the counts."""
+
+
+def same_as_primary_variants(rows: list[dict[str, Any]]) -> set[str]:
+    """Trained variants whose every row equals the primary row of the same (arm, encode_mode, k, seed) in every
+    metric: the variant's setting had no effect on training (e.g. AuxK off when no latent ever went dead, so
+    the auxiliary loss was zero throughout). Such a variant is the primary analysis again, not a check of it."""
+    index = _index(rows)
+    out = set()
+    for name, src in VARIANT_SOURCES.items():
+        if not src.trained:
+            continue
+        keys = [key for key in index if key[0] in {src.g_variant, src.topk_variant} - {"primary"}]
+        if keys and all(index.get(("primary", *key[1:])) == index[key] for key in keys):
+            out.add(name)
+    return out
 
 
 def sensitivity(prereg: dict[str, Any], rows: list[dict[str, Any]], k_grid: list[int] | None = None,
@@ -404,12 +422,15 @@ def sensitivity(prereg: dict[str, Any], rows: list[dict[str, Any]], k_grid: list
     index = _index(rows)
     grid = [int(k) for k in (k_grid if k_grid is not None else prereg["estimand"]["k_grid"])]
     primary = primary if primary is not None else verdicts(prereg, rows, grid)
+    same = same_as_primary_variants(rows)
     out = {}
     for pv in primary:
         vs = tuple(evaluate_claim(prereg, pv.claim, v["name"], index, _variant_k_grid(v["name"], index, grid))
                    for v in prereg.get("variants", []) or [] if pv.claim in v.get("claims", []))
-        untested = tuple(v.variant for v in vs if v.verdict == "not tested")
-        disagreeing = tuple(v.variant for v in vs if v.verdict not in ("not tested", pv.verdict))
+        vacuous = tuple(v.variant for v in vs if v.variant in same)
+        untested = tuple(v.variant for v in vs if v.verdict == "not tested" and v.variant not in same)
+        disagreeing = tuple(v.variant for v in vs if v.verdict not in ("not tested", pv.verdict)
+                            and v.variant not in same)
         if pv.verdict == "not tested":
             label = "not tested"
         elif disagreeing:
@@ -418,7 +439,7 @@ def sensitivity(prereg: dict[str, Any], rows: list[dict[str, Any]], k_grid: list
             label = "incomplete"
         else:
             label = "robust"
-        out[pv.claim] = Robustness(pv.claim, pv, vs, label, disagreeing, untested)
+        out[pv.claim] = Robustness(pv.claim, pv, vs, label, disagreeing, untested, vacuous)
     return out
 
 
@@ -498,6 +519,7 @@ def _robustness_cell(rob: Robustness) -> str:
     if not n:
         return "robust (no variants registered)"
     parts = []
+    n -= len(rob.same_as_primary)
     agree = n - len(rob.disagreeing) - len(rob.untested)
     if rob.label == "fragile":
         by = {v.variant: v.verdict for v in rob.variants}
@@ -507,6 +529,8 @@ def _robustness_cell(rob: Robustness) -> str:
     parts.append(f"{agree}/{n} variants agree")
     if rob.untested:
         parts.append("not run: " + ", ".join(rob.untested))
+    if rob.same_as_primary:
+        parts.append("not counted (SAEs identical to the primary's): " + ", ".join(rob.same_as_primary))
     return "; ".join(parts)
 
 
@@ -538,8 +562,15 @@ def render_sensitivity_md(claim_verdicts: list[ClaimVerdict], sens: dict[str, Ro
     for v in claim_verdicts:
         rob = sens[v.claim]
         by = {x.variant: x for x in rob.variants}
-        out.append(f"| {v.claim} | {_grid_cell(v)} | " + " | ".join(_grid_cell(by.get(n)) for n in names)
-                   + f" | {rob.label} |")
+        out.append(f"| {v.claim} | {_grid_cell(v)} | "
+                   + " | ".join(_grid_cell(by.get(n)) + (" = primary SAEs" if n in rob.same_as_primary else "")
+                                for n in names) + f" | {rob.label} |")
+    same = sorted({n for rob in sens.values() for n in rob.same_as_primary})
+    if same:
+        why = " (auxk_off: no latent went dead, so the AuxK loss was zero throughout)" if "auxk_off" in same else ""
+        out += ["", f"= primary SAEs: every row of {', '.join(same)} is identical to the primary row of the same arm, "
+                    f"k and seed, so the variant's setting had no effect on training{why}. Such a variant repeats "
+                    "the primary analysis; it is not counted for or against robustness."]
     out += ["", "| variant | what |", "|---|---|"]
     out += [f"| {v['name']} | {v.get('what', '')} |" for v in prereg.get("variants", []) or []]
     out += ["", "## Numbers per k", "",

@@ -396,3 +396,21 @@ def test_glance_table_by_hand():
     assert "| 8 | g-SAE, g-encode | 3 | 0.500 ± 0." in table
     assert "| 8 | g-SAE, plain-encode | 3 | 0.450 ± 0.000 |" in table
     assert "KL" not in table  # columns without data are left out
+
+
+def test_a_variant_with_the_primary_saes_is_not_counted(prereg):
+    """auxk_off whose rows equal the primary's (AuxK never fired) repeats the primary analysis: not counted."""
+    r = add_trained_variants(full_primary(), skip=("auxk_off",))
+    rows = r.list()
+    copies = [{**row, "variant": "auxk_off", "metrics": dict(row["metrics"])} for row in rows
+              if row["variant"] == "primary" and row["k"] in (16, 64)]
+    assert C.same_as_primary_variants(rows + copies) == {"auxk_off"}
+    sens = C.sensitivity(prereg, rows + copies)
+    assert sens["C1"].same_as_primary == ("auxk_off",) and sens["C1"].label == "robust"
+    cell = C._robustness_cell(sens["C1"])
+    assert "3/3 variants agree" in cell and "not counted (SAEs identical to the primary's): auxk_off" in cell
+    md = C.render_sensitivity_md(list(C.verdicts(prereg, rows + copies)), sens, prereg)
+    assert "= primary SAEs" in md
+    # one metric differing in one row makes it a real variant again
+    copies[0]["metrics"]["delta_ce"] += 1e-9
+    assert C.same_as_primary_variants(rows + copies) == set()
