@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from . import io  # noqa: E402
+from .claims import mean_t_interval as mean_ci  # noqa: E402  (one definition of the interval)
 
 ARM_LABEL = {("topk", "g"): "TopK", ("topk", "plain"): "TopK", ("gsae", "g"): "g-SAE (g-encode)",
              ("gsae", "plain"): "g-SAE (plain-encode)"}
@@ -38,16 +39,6 @@ def metrics_frame(rows: Sequence[dict[str, Any]], variant: str = "primary") -> p
     return pd.DataFrame(out)
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Mean and t-interval half-width over seeds (nan half-width for a single value)."""
-    from scipy import stats
-
-    a = np.asarray(values, dtype=float)
-    if len(a) < 2:
-        return float(a.mean()), float("nan")
-    return float(a.mean()), float(stats.t.ppf(0.5 + level / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
-
-
 def summary_table(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Per arm and k: mean ± 95% CI over seeds of each metric (what the closing note and README quote)."""
     rows = []
@@ -63,8 +54,9 @@ def summary_table(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
 def plot_vs_k(df: pd.DataFrame, metrics: Sequence[str], titles: Sequence[str] | None = None,
               logy: Sequence[bool] | None = None) -> plt.Figure:
     """One panel per metric: value vs L0 (= k) on a log axis, one line per arm, mean ± the 95% t-interval over
-    seeds (``mean_ci``, the interval the tables and the claims ledger use; seaborn's bootstrap CI is degenerate
-    with 3 seeds). Arms at the same k are nudged apart horizontally so their bars do not hide each other."""
+    seeds (``claims.mean_t_interval``, the interval the tables and the claims ledger use; seaborn's bootstrap
+    CI is degenerate with 3 seeds). Arms at the same k are nudged apart horizontally so their bars do not hide
+    each other."""
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     for i, m in enumerate(metrics):

@@ -301,16 +301,17 @@ def _eval_tokens(p: Profile, lm, split: str):
 
 
 def _eval_context(p: Profile, lm, split: str):
-    """``_eval_tokens`` plus the ablation baselines on those tokens (needed only by the splice evaluation)."""
+    """``_eval_tokens`` plus what the splice evaluation alone needs from the train split: the ablation baselines
+    on those tokens (mean ablation uses the train mean) and the massive-activation norm cap."""
     from .evals import ablation_baselines
 
     mh = lm.info["model_hash"]
     tokens, rd = _eval_tokens(p, lm, split)
-    mean_act = reader(p, "train", mh).load_all().x.mean(0)
-    base = ablation_baselines(lm.model, tokens, p.model.hook_name, mean_act=mean_act,
+    train_x = reader(p, "train", mh).load_all().x
+    base = ablation_baselines(lm.model, tokens, p.model.hook_name, mean_act=train_x.mean(0),
                               exclude_pos0=p.harvest.exclude_pos0,
                               batch_contexts=p.extra.get("eval", {}).get("batch_contexts", 8), progress=False)
-    return tokens, base, rd
+    return tokens, base, rd, massive_norm_cap(train_x)
 
 
 MASSIVE_NORM_FACTOR = 10.0
@@ -370,8 +371,7 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
     mh = lm.info["model_hash"]
     todo = [s for s in specs if not (sae_dir(p, s, mh) / stage_file(p, "eval", split)).exists()]
     if todo:
-        tokens, base, rd = _eval_context(p, lm, split)
-        cap = massive_norm_cap(reader(p, "train", mh).load_all().x)
+        tokens, base, rd, cap = _eval_context(p, lm, split)
         saes = {s.name: load_trained(p, s, mh) for s in todo}
         res = evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base,
                             batch_contexts=p.extra.get("eval", {}).get("batch_contexts", 8), progress=progress)
