@@ -58,11 +58,18 @@ fi
 
 # The default profile's executed notebooks are committed in notebooks/; other profiles keep theirs in runs/.
 if [ "$profile" = default ]; then out=notebooks; else out=runs/$profile/notebooks; mkdir -p "$out"; fi
+# Progress goes to this terminal, not into the notebooks: gsae.progress draws the stage, done/total, rate and ETA
+# (a line at least every 15 s when the output is not a tty), labelled with GSAE_STAGE. papermill's own cell counter
+# would fight it for the line, and libraries' bars would only clutter the notebook (TQDM_DISABLE, HF_HUB_...; the
+# widget bars that ignore both are removed by gsae.notebook_tidy, with the machine paths).
 for nb in notebooks/[0-9][0-9]_*.ipynb; do
-  name=$(basename "$nb")
+  name=$(basename "$nb" .ipynb)
   echo "== $name ($profile)"
-  tmp="$out/.running-$name"
-  .venv/bin/papermill --log-level WARNING -k python3 -p profile "$profile" "$nb" "$tmp"
-  mv "$tmp" "$out/$name"
+  tmp="$out/.running-$name.ipynb" started=$SECONDS
+  GSAE_STAGE=$name MPLBACKEND=module://matplotlib_inline.backend_inline TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
+    .venv/bin/papermill --log-level WARNING --no-progress-bar -k python3 -p profile "$profile" "$nb" "$tmp"
+  mv "$tmp" "$out/$name.ipynb"
+  .venv/bin/python -m gsae.notebook_tidy --root "$ROOT" "$out/$name.ipynb"
+  echo "== $name done in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
 done
 .venv/bin/python -m gsae.pipeline summary --profile "$profile"

@@ -158,9 +158,9 @@ def _configs(cfg: BenchConfig, batches, beta: float) -> tuple[SAEConfig, TrainCo
     return sae_cfg, train_cfg
 
 
-def run_ours(cfg: BenchConfig, batches, beta: float) -> dict[str, float]:
+def run_ours(cfg: BenchConfig, batches, arm: str, beta: float = 0.0) -> dict[str, float]:
     sae_cfg, train_cfg = _configs(cfg, batches, beta)
-    res = train_sae(sae_cfg, train_cfg, batches, progress=False)
+    res = train_sae(arm, sae_cfg, train_cfg, batches, progress=False)
     return {"tok_per_s": res.n_tokens / res.seconds,
             "dead_fraction": statistics.mean(r["dead_fraction"] for r in res.history)}
 
@@ -271,8 +271,8 @@ def _median_ratio(a: list[float], b: list[float]) -> float:
 def bench_training(cfg: BenchConfig, with_sparse_saelens: bool = True) -> dict[str, Any]:
     batches = synthetic_batches(cfg)
     cands: dict[str, Callable[[], dict]] = {
-        "ours_topk": lambda: run_ours(cfg, batches, 0.0),
-        "ours_gsae": lambda: run_ours(cfg, batches, cfg.beta),
+        "ours_topk": lambda: run_ours(cfg, batches, "topk"),
+        "ours_gsae": lambda: run_ours(cfg, batches, "gsae", cfg.beta),
         "saelens_topk": lambda: run_saelens(cfg, batches),
         "gemm": lambda: run_gemm(cfg, batches),
     }
@@ -374,8 +374,8 @@ def run(cfg: BenchConfig, *, model: str = "tiny-random", e2e: bool = False, with
     result["train"] = bench_training(cfg, with_sparse_saelens)
     harvest = bench_harvest(cfg, model)
     batches = synthetic_batches(replace(cfg, steps=2))
-    rss = {"train_topk": measure_peak_rss(lambda: run_ours(replace(cfg, steps=2), batches, 0.0)),
-           "train_gsae": measure_peak_rss(lambda: run_ours(replace(cfg, steps=2), batches, cfg.beta)),
+    rss = {"train_topk": measure_peak_rss(lambda: run_ours(replace(cfg, steps=2), batches, "topk")),
+           "train_gsae": measure_peak_rss(lambda: run_ours(replace(cfg, steps=2), batches, "gsae", cfg.beta)),
            "train_saelens": measure_peak_rss(lambda: run_saelens(replace(cfg, steps=2), batches))}
     if "_model" in harvest:
         from .harvest import capture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,10 @@ from typing import Any
 import yaml
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
-KNOWN_MODELS = ("tiny", "smollm2-135m", "gpt2")
+KNOWN_MODELS = ("smollm2-135m", "tiny", "gpt2")
+"""The LMs ``gsae.models.load_model`` can build (the one list; models.py imports it)."""
+CORPORA = ("brown", "sotu", "brown+sotu", "openwebtext")
+"""The text sources ``gsae.data.load_corpus`` can read (the one list; data.py imports it)."""
 KNOWN_HOOKS = ("resid_pre", "resid_post", "resid_mid")
 
 
@@ -68,8 +72,7 @@ class DataConfig:
     """Seed of the document-level split."""
 
     def __post_init__(self) -> None:
-        _require(self.corpus in ("brown", "brown+sotu", "openwebtext"),
-                 f"unknown corpus {self.corpus!r}; choose brown, brown+sotu or openwebtext")
+        _require(self.corpus in CORPORA, f"unknown corpus {self.corpus!r}; choose one of {CORPORA}")
         _require(self.ctx_len >= 4, f"ctx_len must be >= 4, got {self.ctx_len}")
         _require(len(self.split_fracs) == 3 and all(f > 0 for f in self.split_fracs)
                  and abs(sum(self.split_fracs) - 1) < 1e-6,
@@ -178,12 +181,82 @@ class ExperimentConfig:
     """k at which beta is selected (one beta for all k)."""
     beta_select_seed: int = 0
     """Seed used for beta selection trials."""
+    arms: tuple[str, ...] = ("topk", "gsae")
+    """Registered arms (``gsae.arms``) trained on the same grid; the first is the baseline of every comparison."""
 
     def __post_init__(self) -> None:
+        from . import arms  # registry lives above config; imported here, at validation time
+
+        unknown = [a for a in self.arms if a not in arms.names()]
+        _require(len(self.arms) >= 2 and not unknown and len(set(self.arms)) == len(self.arms),
+                 f"experiment.arms must name two or more distinct registered arms, got {self.arms}; "
+                 f"registered: {sorted(arms.names())}")
         _require(self.expansion >= 1, "experiment.expansion must be >= 1")
         _require(len(self.k_grid) >= 1 and all(k > 0 for k in self.k_grid), "experiment.k_grid must be positive")
         _require(len(set(self.seeds)) == len(self.seeds) and len(self.seeds) >= 1, "experiment.seeds must be unique")
         _require(all(b > 0 for b in self.beta_grid), "experiment.beta_grid values must be > 0")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    lr_multipliers: tuple[float, ...] = (1.0,)
+    """Learning-rate trials as multiples of ``train.lr`` (v1: TopK only, at (beta_select_k, beta_select_seed))."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.lr_multipliers) >= 1 and all(m > 0 for m in self.lr_multipliers),
+                 f"selection.lr_multipliers must be positive numbers, got {self.lr_multipliers}")
+
+
+@dataclass(frozen=True)
+class VariantsConfig:
+    k_grid: tuple[int, ...] = ()
+    """k values at which the sensitivity variants (value_mode_score, grad_norm_token, auxk_off) are trained."""
+    seeds: tuple[int, ...] = ()
+    """Seeds of the sensitivity variants."""
+
+    def __post_init__(self) -> None:
+        _require(all(k > 0 for k in self.k_grid), f"variants.k_grid must be positive, got {self.k_grid}")
+        _require(len(set(self.seeds)) == len(self.seeds), f"variants.seeds must be unique, got {self.seeds}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_contexts: int = 8
+    """Contexts per LM forward in the splice evaluation."""
+    lm_contexts: int = 10**9
+    """LM-based metrics (spliced CE, KL) use the split's first this-many harvested contexts (all if fewer)."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_contexts > 0, f"eval.batch_contexts must be > 0, got {self.batch_contexts}")
+        _require(self.lm_contexts > 0, f"eval.lm_contexts must be > 0, got {self.lm_contexts}")
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    n_latents: int = 32
+    """Live latents sampled per SAE (PREREG §5)."""
+    n_contexts: int = 8
+    """Test contexts each latent is steered in."""
+    alphas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """Steering strengths as multiples of the median activation norm."""
+    top_tokens: int = 5
+    """Tokens a latent promotes most (W_dec row . W_U) whose log-probability gain is measured."""
+
+    def __post_init__(self) -> None:
+        _require(self.n_latents > 0 and self.n_contexts > 0 and self.top_tokens > 0,
+                 "steering.n_latents, n_contexts and top_tokens must be > 0")
+        _require(len(self.alphas) >= 1, "steering.alphas must hold at least one strength")
+
+
+@dataclass(frozen=True)
+class ProbingConfig:
+    min_tag_count: int = 200
+    """A POS tag (or genre) is probed only if it labels at least this many test tokens."""
+    max_tags: int = 12
+    """At most this many of the most frequent POS tags are probed."""
+
+    def __post_init__(self) -> None:
+        _require(self.min_tag_count > 0 and self.max_tags > 0, "probing.min_tag_count and max_tags must be > 0")
 
 
 @dataclass(frozen=True)
@@ -194,18 +267,22 @@ class Profile:
     harvest: HarvestConfig
     train: TrainConfig
     experiment: ExperimentConfig
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Stage-specific settings (eval, steering, probing) kept as plain dicts."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    variants: VariantsConfig = field(default_factory=VariantsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    probing: ProbingConfig = field(default_factory=ProbingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "harvest": HarvestConfig,
-             "train": TrainConfig, "experiment": ExperimentConfig}
+SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Profile).items() if k != "name"}
+"""Every section a profile may hold, with its dataclass: the fields of ``Profile`` (the one list)."""
 
 
 def _build(cls: type, section: str, raw: dict[str, Any]) -> Any:
+    _require(isinstance(raw, dict), f"section '{section}' must be a mapping, got {type(raw).__name__}")
     names = {f.name for f in fields(cls)}
     unknown = set(raw) - names
     _require(not unknown, f"unknown key(s) {sorted(unknown)} in section '{section}'; allowed: {sorted(names)}")
@@ -217,9 +294,10 @@ def _build(cls: type, section: str, raw: dict[str, Any]) -> Any:
 
 
 def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
-    raw = dict(raw)
-    parts = {sec: _build(cls, sec, raw.pop(sec, {}) or {}) for sec, cls in _SECTIONS.items()}
-    return Profile(name=name, extra=raw, **parts)
+    unknown = set(raw) - set(SECTIONS)
+    _require(not unknown, f"unknown section(s) {sorted(unknown)} in profile {name!r}; allowed: {sorted(SECTIONS)}")
+    parts = {sec: _build(cls, sec, raw.get(sec) or {}) for sec, cls in SECTIONS.items()}
+    return Profile(name=name, **parts)
 
 
 def load_profile(name_or_path: str | Path) -> Profile:

@@ -34,10 +34,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from gsae.config import CORPORA
 from gsae.io import IntegrityError, read_manifest, verify_manifest, write_manifest
 
 SPLITS = ("train", "val", "test")
-CORPORA = ("brown", "sotu", "brown+sotu", "openwebtext")
 
 
 @dataclass(frozen=True)

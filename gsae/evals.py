@@ -14,32 +14,32 @@ Splice rule (identical for the SAE splice and for the zero / mean ablations):
 
 Encoders: "plain" encodes x alone (TopK on z). "g" needs the clean gradient at every token, defined exactly
 as in the harvest: g = d(sum of the next-token CEs of the context)/dx (sum, not mean). It comes from the same
-clean forward that gives the clean logits (one forward + ``autograd.grad``; ``gsae.harvest.capture`` returns
-no logits, so ``clean_pass`` repeats its recipe), then the splice forward runs under ``no_grad``. For an SAE
-with beta = 0 the two encoders are identical, so no gradient is computed and the "g" result is the "plain" one.
+clean forward that gives the clean logits (``gsae.lm.clean_pass``); the splice forward runs under ``no_grad``.
+For an SAE whose arm ignores the gradient (TopK, or beta = 0) the two encoders are identical, so no gradient is
+computed and the "g" result is the "plain" one.
 
 The zero / mean ablation CEs depend only on (model, tokens), so ``ablation_baselines`` computes them once
 and every evaluation takes them as an argument. ``evaluate_saes`` shares each batch's clean forward between
 many SAEs and both encoders.
 
-An "SAE" here is anything with ``cfg.beta``, ``cfg.d_sae``, ``encode(x, g=None) -> (top_acts, top_indices, ...)``
-and ``decode(top_acts, top_indices) -> x_hat`` over ``[..., d_in]`` tensors, e.g. ``gsae.sae.GSAE``.
+An "SAE" here is anything with ``uses_gradient`` (default True), ``cfg.d_sae``,
+``encode(x, g=None) -> (top_acts, top_indices, ...)`` and ``decode(top_acts, top_indices) -> x_hat`` over
+``[..., d_in]`` tensors, e.g. ``gsae.sae.GSAE``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .data import data_hash
+from .lm import clean_pass, kl_per_token, patched_logits, per_token_ce, spliced_logits
+from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 ENCODE_MODES = ("g", "plain")
 
@@ -114,24 +114,6 @@ class FrequencyHistogram(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------ math helpers
-def _at_least_f32(t: Tensor) -> Tensor:
-    """Half-precision logits are upcast for the softmax; float64 stays float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def kl_per_token(logp_ref: Tensor, logits_new: Tensor) -> Tensor:
-    """KL(p_ref || p_new) over the last dim; ``logp_ref`` are log-probabilities, ``logits_new`` raw logits."""
-    logp_new = F.log_softmax(_at_least_f32(logits_new), dim=-1)
-    return F.kl_div(logp_new, logp_ref, log_target=True, reduction="none").sum(-1)
-
-
-def next_token_ce(logits: Tensor, tokens: Tensor, first: int) -> Tensor:
-    """[B, T-1-first] CE of the predictions at positions first..T-2 (logits at p score token p+1)."""
-    T = tokens.shape[1]
-    logp = F.log_softmax(_at_least_f32(logits[:, first:T - 1]), dim=-1)
-    return -logp.gather(-1, tokens[:, first + 1:, None]).squeeze(-1)
-
-
 class ReconstructionStats:
     """Streaming FVU / MSE / L0 / firing counts, in float64 so the sum over many batches stays exact enough.
 
@@ -218,72 +200,6 @@ def _batches(tokens: Tensor, batch_contexts: int, device: torch.device, desc: st
         yield tokens[s:s + batch_contexts].to(device)
 
 
-class CleanPass(NamedTuple):
-    logp: Tensor
-    """[B, T-1-first, V] clean log-probabilities of the scored predictions (at least float32)."""
-    ce: Tensor
-    """[B, T-1-first] clean per-token CE."""
-    x: Tensor
-    """[B, T, d] clean activation at the hook."""
-    g: Tensor | None
-    """[B, T, d] d(sum of the CE of predictions 0..T-2)/dx (the harvest's g), or None when not asked for."""
-
-
-def clean_pass(model: Any, tokens: Tensor, hook_name: str, first: int, need_grad: bool) -> CleanPass:
-    """One clean forward giving logits, the hook activation and (if ``need_grad``) its gradient.
-
-    g is the harvest's gradient (``gsae.harvest.capture``): d(sum of the CE of ALL predictions 0..T-2)/dx.
-    At the scored positions (>= first) this equals the gradient of the scored CE alone, because under causal
-    attention the prediction at position 0 depends on x_0 only. The hook swaps in a detached leaf and the
-    parameters are frozen for the call, so autograd runs only above the hook and writes no ``.grad``."""
-    from .harvest import frozen_params  # the harvest owns the gradient convention; share its helper
-
-    store: dict[str, Tensor] = {}
-
-    def grab(act: Tensor, hook: Any) -> Tensor:
-        if need_grad:
-            act = act.detach().requires_grad_(True)
-        store["x"] = act
-        return act
-
-    grad_ctx = frozen_params(model) if need_grad else contextlib.nullcontext()
-    with grad_ctx, torch.enable_grad() if need_grad else torch.no_grad():
-        # padding_side="right" as in the harvest: fixed-length windows have no padding, and a left-padding
-        # tokenizer default would make TL mask real tokens that share the pad id.
-        logits = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, grab)],
-                                      padding_side="right")
-        ce_all = next_token_ce(logits, tokens, 0)
-        g = torch.autograd.grad(ce_all.sum(), store["x"])[0] if need_grad else None
-    T = tokens.shape[1]
-    logp = F.log_softmax(_at_least_f32(logits.detach()[:, first:T - 1]), dim=-1)
-    return CleanPass(logp, ce_all.detach()[:, first:], store["x"].detach(), g)
-
-
-@torch.no_grad()
-def patched_logits(model: Any, tokens: Tensor, hook_name: str, first: int,
-                   replace: Callable[[Tensor], Tensor]) -> Tensor:
-    """Logits with the hook activation replaced by ``replace(act)`` at positions first..T-1."""
-
-    def patch(act: Tensor, hook: Any) -> Tensor:
-        new = replace(act).to(act.dtype).expand_as(act)
-        return torch.cat([act[:, :first], new[:, first:]], dim=1)
-
-    return model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, patch)], padding_side="right")
-
-
-def spliced_logits(model: Any, tokens: Tensor, hook_name: str, first: int, x_clean: Tensor, x_new: Tensor) -> Tensor:
-    """Logits with the hook activation set to ``x_new`` at positions first..T-1 (``x_clean`` before). For a
-    residual hook the forward restarts at the hook's block (``start_at_layer``), skipping the blocks below,
-    whose output is ``x_clean`` anyway; other hooks run the full forward with a patching hook."""
-    from .steering import restart_layer
-
-    start = restart_layer(model, hook_name)
-    if start is None:
-        return patched_logits(model, tokens, hook_name, first, lambda a: x_new)
-    resid = torch.cat([x_clean[:, :first], x_new[:, first:].to(x_clean.dtype)], dim=1)
-    return model(resid, start_at_layer=start, return_type="logits")
-
-
 # ------------------------------------------------------------------------------------------------ baselines
 def ablation_baselines(model: Any, tokens: Tensor, hook_name: str, *, mean_act: Tensor | None = None,
                        exclude_pos0: bool = True, batch_contexts: int = 8, progress: bool = True) -> AblationBaselines:
@@ -303,10 +219,10 @@ def ablation_baselines(model: Any, tokens: Tensor, hook_name: str, *, mean_act: 
     for tok in _batches(tokens, batch_contexts, device, "ablation baselines", progress):
         with torch.no_grad():
             logits = model(tok, return_type="logits", padding_side="right")
-        sums["clean"] += next_token_ce(logits, tok, first).double().sum().item()
+        sums["clean"] += per_token_ce(logits, tok, first).double().sum().item()
         for name, replace in floors.items():
             logits = patched_logits(model, tok, hook_name, first, replace)
-            sums[name] += next_token_ce(logits, tok, first).double().sum().item()
+            sums[name] += per_token_ce(logits, tok, first).double().sum().item()
         n += tok.shape[0] * (tok.shape[1] - 1 - first)
     return AblationBaselines(sums["clean"] / n, sums["zero"] / n, sums["mean"] / n if mean_act is not None else None,
                              n, hook_name, exclude_pos0, data_hash(tokens))
@@ -352,9 +268,9 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
     if not saes:
         raise ValueError("no SAEs given")
 
-    # A gradient only changes the code of an SAE with beta > 0; for the others "g" is "plain".
+    # A gradient only changes the code of an SAE that uses it; for the others "g" is "plain".
     def effective(sae: Any, mode: str) -> str:
-        return "g" if mode == "g" and float(sae.cfg.beta) > 0 else "plain"
+        return "g" if mode == "g" and getattr(sae, "uses_gradient", True) else "plain"
 
     runs = sorted({(name, effective(sae, m)) for name, sae in saes.items() for m in encode_modes})
     need_grad = any(mode == "g" for _, mode in runs)
@@ -373,7 +289,7 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
         for name, mode in runs:
             x_hat, top_acts, top_indices = _encode_decode(saes[name], clean.x, clean.g if mode == "g" else None)
             logits = spliced_logits(model, tok, hook_name, first, clean.x, x_hat)
-            ce = next_token_ce(logits, tok, first)
+            ce = per_token_ce(logits, tok, first)
             kl = kl_per_token(clean.logp, logits[:, first:T - 1])
             a = acc[name, mode]
             a.ce += ce.double().sum().item()

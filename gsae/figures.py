@@ -7,33 +7,48 @@ versions, profile, seeds and data hashes of the run that drew it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")  # figures are written to files; notebooks still display the returned Figure
+# A Jupyter kernel sets MPLBACKEND to the inline backend (ipykernel does, unless it is set already), so notebooks
+# show their figures; anywhere else (tests, the command line, no display) draw off-screen, into files only.
+if not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from . import io  # noqa: E402
+from . import arms, io  # noqa: E402
 from .claims import mean_t_interval as mean_ci  # noqa: E402  (one definition of the interval)
 
-ARM_LABEL = {("topk", "g"): "TopK", ("topk", "plain"): "TopK", ("gsae", "g"): "g-SAE (g-encode)",
-             ("gsae", "plain"): "g-SAE (plain-encode)"}
-PALETTE = {"TopK": "#444444", "g-SAE (g-encode)": "#d62728", "g-SAE (plain-encode)": "#1f77b4", "g-SAE": "#d62728"}
+PLAIN_ENCODE_COLOR = "#1f77b4"
+"""Colour of an arm's plain-encode codes when the arm also has a g-encode (which gets the arm's own colour)."""
+
+
+def palette() -> dict[str, str]:
+    """Label -> colour for every registered arm and encoder (``gsae.arms``)."""
+    out = {}
+    for arm in (arms.get(n) for n in arms.names()):
+        out[arm.label] = arm.color
+        for mode in arm.encode_modes():
+            plain_of_two = mode == "plain" and arm.has_gradient_encoder
+            out[arm.label_for(mode)] = PLAIN_ENCODE_COLOR if plain_of_two else arm.color
+    return out
 
 
 def metrics_frame(rows: Sequence[dict[str, Any]], variant: str = "primary") -> pd.DataFrame:
     """Long table: one row per (arm label, k, seed, metric) for one variant; TopK counted once (its modes agree)."""
     out = []
     for r in rows:
-        if r["variant"] != variant or (r["arm"] == "topk" and r["encode_mode"] == "g"):
+        arm = arms.get(r["arm"])
+        if r["variant"] != variant or r["encode_mode"] not in arm.encode_modes():
             continue
-        label = ARM_LABEL[r["arm"], r["encode_mode"]]
+        label = arm.label_for(r["encode_mode"])
         for m, v in r["metrics"].items():
             out.append({"arm": label, "k": r["k"], "seed": r["seed"], "metric": m, "value": v})
     return pd.DataFrame(out)
@@ -62,12 +77,13 @@ def plot_vs_k(df: pd.DataFrame, metrics: Sequence[str], titles: Sequence[str] | 
     for i, m in enumerate(metrics):
         ax = axes[0, i]
         sub = df[df.metric == m]
-        arms = [a for a in PALETTE if a in set(sub.arm)] + sorted(set(sub.arm) - set(PALETTE))
-        for j, arm in enumerate(arms):
+        colors = palette()
+        shown = [a for a in colors if a in set(sub.arm)] + sorted(set(sub.arm) - set(colors))
+        for j, arm in enumerate(shown):
             stats = [(k, *mean_ci(g.value.tolist())) for k, g in sub[sub.arm == arm].groupby("k")]
-            ks = np.array([t[0] for t in stats], dtype=float) * 2 ** (0.04 * (j - (len(arms) - 1) / 2))
+            ks = np.array([t[0] for t in stats], dtype=float) * 2 ** (0.04 * (j - (len(shown) - 1) / 2))
             ax.errorbar(ks, [t[1] for t in stats], yerr=[0 if math.isnan(t[2]) else t[2] for t in stats],
-                        marker="o", ms=4, capsize=3, color=PALETTE.get(arm), label=arm)
+                        marker="o", ms=4, capsize=3, color=colors.get(arm), label=arm)
         ax.legend(fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(sub.k.unique()))
@@ -83,25 +99,27 @@ def plot_vs_k(df: pd.DataFrame, metrics: Sequence[str], titles: Sequence[str] | 
     return fig
 
 
-def plot_beta_ablation(selection: dict[str, Any], edges: dict[str, Any] | None = None) -> plt.Figure:
-    """Validation ΔCE and dead fraction against beta at the selection k (beta = 0 is TopK at the chosen lr).
+def plot_hyperparameter_ablation(selection: dict[str, Any], baseline: str, arm: str, hp: str = "beta",
+                                 edges: dict[str, Any] | None = None) -> plt.Figure:
+    """Validation ΔCE and dead fraction of ``arm`` against its hyperparameter ``hp`` at the selection k, beside
+    the ``baseline`` arm at the chosen lr (for the g-SAE's beta, beta = 0 is TopK).
 
-    ``edges`` (``pipeline.selection_edge_check``) adds its beta trial beyond the grid as an open marker."""
+    ``edges`` (``stages.train.selection_edge_check``) adds its trial beyond the grid as an open marker."""
     sns.set_theme(style="whitegrid", context="notebook")
+    colors, base, treated = palette(), arms.get(baseline), arms.get(arm)
     trials = pd.DataFrame(selection["trials"])
-    topk = trials[(trials.arm == "topk") & (trials.lr == selection["lr"])]
-    g = trials[trials.arm == "gsae"].copy()
-    g["encoder"] = g.encode_mode.map({"g": "g-encode", "plain": "plain-encode"})
+    ref = trials[(trials.arm == baseline) & (trials.lr == selection["lr"])]
+    g = trials[trials.arm == arm].copy()
+    g["encoder"] = g.encode_mode.map(treated.label_for)
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
     for ax, m in zip(axes, ("delta_ce", "dead_fraction"), strict=True):
-        sns.lineplot(data=g, x="beta", y=m, hue="encoder", marker="o", ax=ax,
-                     palette={"g-encode": PALETTE["g-SAE (g-encode)"], "plain-encode": PALETTE["g-SAE (plain-encode)"]})
-        ax.axhline(float(topk[m].iloc[0]), color=PALETTE["TopK"], ls="--", label="TopK (beta = 0)")
-        ax.axvline(selection["beta"], color="0.7", lw=1)
-        check = (edges or {}).get("checks", {}).get("beta")
+        sns.lineplot(data=g, x=hp, y=m, hue="encoder", marker="o", ax=ax, palette=colors)
+        ax.axhline(float(ref[m].iloc[0]), color=colors[base.label], ls="--", label=f"{base.label} (chosen lr)")
+        ax.axvline(selection[hp], color="0.7", lw=1)
+        check = (edges or {}).get("checks", {}).get(hp)
         if check is not None:
             ax.plot([check["beyond"]], [check["metrics"][m]], marker="o", mfc="none", ls="none",
-                    color=PALETTE["g-SAE (g-encode)"], label="beyond the grid (not registered)")
+                    color=treated.color, label="beyond the grid (not registered)")
         ax.set_xscale("log")
         ax.set_title(f"{m} on validation, k = {selection['k']}")
         ax.legend(fontsize=8)
@@ -115,7 +133,7 @@ def plot_frequency_histogram(freqs: dict[str, np.ndarray]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, f in freqs.items():
         live = f[f > 0]
-        sns.histplot(np.log10(live), bins=40, element="step", fill=False, ax=ax, color=PALETTE.get(label),
+        sns.histplot(np.log10(live), bins=40, element="step", fill=False, ax=ax, color=palette().get(label),
                      label=f"{label} ({(f == 0).sum()} dead)")
     ax.set_xlabel("log10 firing frequency on the test split")
     ax.legend(fontsize=8)
@@ -130,7 +148,7 @@ def plot_steering(df: pd.DataFrame, metric: str = "kl") -> plt.Figure:
     fig, axes = plt.subplots(1, len(alphas), figsize=(4.6 * len(alphas), 3.8), squeeze=False, sharey=False)
     for ax, a in zip(axes[0], alphas, strict=True):
         sub = df[(df.alpha == a) & (df.metric == metric)]
-        sns.boxplot(data=sub, x="k", y="value", hue="arm", ax=ax, palette=PALETTE, fliersize=1.5)
+        sns.boxplot(data=sub, x="k", y="value", hue="arm", ax=ax, palette=palette(), fliersize=1.5)
         ax.set_title(f"alpha = {a:g} x median ||x||")
         ax.set_ylabel(metric)
         if metric == "kl":

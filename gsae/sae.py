@@ -222,6 +222,11 @@ class GSAE(nn.Module):
         # (both arms see the same first batch, so both start from the same b_dec).
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
 
+    @property
+    def uses_gradient(self) -> bool:
+        """Whether a gradient changes the code (beta > 0): only then do g-encode and plain-encode differ."""
+        return self.cfg.beta > 0
+
     # ----------------------------------------------------------------------------- encode / decode
     def pre_acts(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc

@@ -23,18 +23,17 @@ an extra input), uses the full forward with a TransformerLens hook.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-_RESID_HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
+from .lm import clean_residual, logits_with_offset, restart_layer
+from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 
 class SteeringResult(NamedTuple):
@@ -100,44 +99,6 @@ def promoted_tokens(model: HookedTransformer, directions: Tensor, n_top: int) ->
 
 
 # ------------------------------------------------------------------------------------------------ forwards
-def restart_layer(model: HookedTransformer, hook_name: str) -> int | None:
-    """Block index to restart the forward at for a residual hook (None: use a full forward with a hook)."""
-    m = _RESID_HOOK.fullmatch(hook_name)
-    if m is None or model.cfg.positional_embedding_type == "shortformer":
-        return None
-    return int(m.group(1)) + (1 if m.group(2) == "post" else 0)
-
-
-def _logits_from(model: HookedTransformer, tokens: Tensor, hook_name: str, start: int | None,
-                 resid: Tensor | None, offset: Tensor, first: int) -> Tensor:
-    """Logits with ``offset`` [B, d] added to the hook activation at positions >= first.
-
-    ``resid`` [B, T, d] is the clean hook activation (fast path, ``start`` not None); otherwise the full
-    forward on ``tokens`` [B, T] runs with a hook that adds the offset."""
-    if start is not None:
-        steered = resid.clone()
-        steered[:, first:] += offset[:, None, :].to(resid.dtype)
-        return model(steered, start_at_layer=start, return_type="logits")
-    calls = []
-
-    def add(act: Tensor, hook: Any) -> Tensor:
-        calls.append(1)
-        act = act.clone()
-        act[:, first:] += offset[:, None, :].to(act.dtype)
-        return act
-
-    # padding_side="right": fixed-length windows have no padding (see gsae.harvest.capture).
-    logits = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, add)], padding_side="right")
-    if len(calls) != 1:
-        raise RuntimeError(f"hook {hook_name!r} fired {len(calls)} times in one forward; expected once")
-    return logits
-
-
-def _clean_residual(model: HookedTransformer, tokens: Tensor, start: int) -> Tensor:
-    """The residual stream entering block ``start``: the hook activation for the fast path."""
-    return model(tokens, stop_at_layer=start, padding_side="right")
-
-
 # ------------------------------------------------------------------------------------------------ steering
 def _check_steer_inputs(model: HookedTransformer, directions: Tensor, tokens: Tensor, hook_name: str,
                         alphas: Tensor, first: int, top_tokens: Tensor | None, batch: int) -> None:
@@ -193,9 +154,9 @@ def steer(model: HookedTransformer, directions: Tensor, tokens: Tensor, hook_nam
     resid_parts, logp_parts = [], []
     for c0 in range(0, n_ctx, batch):
         tok = tokens[c0:c0 + batch]
-        resid = _clean_residual(model, tok, start) if start is not None else None
+        resid = clean_residual(model, tok, start) if start is not None else None
         zero = torch.zeros(tok.shape[0], model.cfg.d_model, device=device)
-        logits = _logits_from(model, tok, hook_name, start, resid, zero, first)
+        logits = logits_with_offset(model, tok, hook_name, start, resid, zero, first)
         logp_parts.append(F.log_softmax(logits[:, scored].float(), dim=-1))
         if resid is not None:
             resid_parts.append(resid)
@@ -214,7 +175,7 @@ def steer(model: HookedTransformer, directions: Tensor, tokens: Tensor, hook_nam
         lat, a_idx, ctx = lat_of[r0:r0 + batch], alpha_of[r0:r0 + batch], ctx_of[r0:r0 + batch]
         offset = dirs[lat] * alphas_dev[a_idx, None].float()
         resid = clean_resid[ctx] if clean_resid is not None else None
-        logits = _logits_from(model, tokens[ctx], hook_name, start, resid, offset, first)
+        logits = logits_with_offset(model, tokens[ctx], hook_name, start, resid, offset, first)
         logp = F.log_softmax(logits[:, scored].float(), dim=-1)  # [B, S, V]
         logp_clean = clean_logp[ctx]
         kl = F.kl_div(logp, logp_clean, log_target=True, reduction="none").sum(-1)  # [B, S]

@@ -1,7 +1,8 @@
 """The SAE training loop (SAELens' trainer cannot feed a per-token gradient to the encoder, so gsae owns it).
 
-One loop for both arms: the TopK arm is the g-SAE with beta = 0, fed the identical (x, g) stream.
-Adam with linear warm-up and linear decay; loss = FVU + aux_coef * AuxK; decoder rows renormalised to
+One loop for every registered arm (``gsae.arms``): the arm builds the module and owns its named loss terms
+(TopK and g-SAE: FVU + aux_coef * AuxK); every arm is fed the identical (x, g) stream.
+Adam with linear warm-up and linear decay; decoder rows renormalised to
 unit norm after every step, with the gradient component parallel to each row removed before it.
 A latent's "tokens since fired" counter drives the dead mask (window counted in tokens, as Gao et al.).
 
@@ -20,11 +21,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
-from . import io
+from . import arms, io
 from .config import SAEConfig, TrainConfig
-from .sae import GSAE
+from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 CKPT_TENSORS = "checkpoint.safetensors"
 CKPT_STATE = "checkpoint.json"
@@ -35,9 +35,10 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainResult(NamedTuple):
-    sae: GSAE
+    sae: torch.nn.Module
     history: list[dict]
-    """One row per logged step: step, tokens, lr, fvu, auxk, l0, dead_fraction."""
+    """One row per logged step: step, tokens, lr, the arm's loss terms by name (e.g. fvu, auxk), l0,
+    dead_fraction."""
     tokens_since_fired: torch.Tensor
     """[d_sae] training tokens since each latent last fired (dead if >= dead_tokens)."""
     n_tokens: int
@@ -67,7 +68,7 @@ def _adam_tensors(opt: torch.optim.Adam, params: dict[str, torch.nn.Parameter]) 
     return out
 
 
-def save_checkpoint(ckpt_dir: Path, sae: GSAE, opt: torch.optim.Adam, tsf: torch.Tensor, step: int,
+def save_checkpoint(ckpt_dir: Path, sae: torch.nn.Module, opt: torch.optim.Adam, tsf: torch.Tensor, step: int,
                     history: list[dict]) -> None:
     params = dict(sae.named_parameters())
     tensors = {f"sae.{k}": v.detach() for k, v in params.items()}
@@ -79,7 +80,8 @@ def save_checkpoint(ckpt_dir: Path, sae: GSAE, opt: torch.optim.Adam, tsf: torch
     io.write_json(ckpt_dir / CKPT_STATE, {"step": step, "sha256": digest, "history": history})
 
 
-def load_checkpoint(ckpt_dir: Path, sae: GSAE, opt: torch.optim.Adam) -> tuple[int, torch.Tensor, list[dict]] | None:
+def load_checkpoint(ckpt_dir: Path, sae: torch.nn.Module,
+                    opt: torch.optim.Adam) -> tuple[int, torch.Tensor, list[dict]] | None:
     state_p, tens_p = ckpt_dir / CKPT_STATE, ckpt_dir / CKPT_TENSORS
     if not (state_p.exists() and tens_p.exists()):
         return None
@@ -98,13 +100,14 @@ def load_checkpoint(ckpt_dir: Path, sae: GSAE, opt: torch.optim.Adam) -> tuple[i
     return state["step"], t["tokens_since_fired"].clone(), state["history"]
 
 
-def _all_finite(sae: GSAE, loss: torch.Tensor) -> bool:
+def _all_finite(sae: torch.nn.Module, loss: torch.Tensor) -> bool:
     if not torch.isfinite(loss):
         return False
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in sae.parameters())
 
 
 def train_sae(
+    arm: arms.Arm | str,
     sae_cfg: SAEConfig,
     cfg: TrainConfig,
     batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | Iterable,
@@ -114,13 +117,15 @@ def train_sae(
     desc: str = "train",
     log_every: int = 10,
 ) -> TrainResult:
-    """Train one SAE on ``batches`` (an iterable, or a zero-argument callable returning an iterator, of
-    (x [N, d_in], g [N, d_in]) float32 batches of ``cfg.batch_size`` rows; x alone is accepted for TopK).
+    """Train one SAE of ``arm`` (an ``Arm`` or its registered name) on ``batches`` (an iterable, or a
+    zero-argument callable returning an iterator, of (x [N, d_in], g [N, d_in]) float32 batches of
+    ``cfg.batch_size`` rows; x alone is accepted when the arm ignores g).
 
     The number of steps is ``cfg.tokens // cfg.batch_size``. With ``ckpt_dir``, training resumes from
     the latest valid checkpoint there (skipping the batches already consumed)."""
+    arm = arms.get(arm) if isinstance(arm, str) else arm
     n_steps = cfg.tokens // cfg.batch_size
-    sae = GSAE(sae_cfg, seed=cfg.seed)
+    sae = arm.build(sae_cfg, seed=cfg.seed)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
     k_aux = cfg.k_aux or sae_cfg.d_in // 2
     tsf = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
@@ -134,7 +139,8 @@ def train_sae(
 
     stream = iter(batches() if callable(batches) else batches)
     t0 = time.perf_counter()
-    bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=n_steps, initial=start, desc=desc, unit="tok", unit_scale=cfg.batch_size, disable=not progress,
+               leave=False)
     for step in range(n_steps):
         try:
             batch = next(stream)
@@ -147,8 +153,8 @@ def train_sae(
         if step == 0:
             sae.init_b_dec(x)
         dead = tsf >= cfg.dead_tokens
-        out = sae(x, g, dead_mask=dead if cfg.aux_coef > 0 else None, k_aux=k_aux)
-        loss = out.fvu + cfg.aux_coef * out.auxk_loss
+        out = arm.loss(sae, x, g, dead if cfg.aux_coef > 0 else None, k_aux, cfg)
+        loss = out.total
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if not _all_finite(sae, loss):
@@ -169,11 +175,11 @@ def train_sae(
             tsf[fired] = 0
         if step % log_every == 0 or step == n_steps - 1:
             row = {"step": step, "tokens": (step + 1) * x.shape[0], "lr": opt.param_groups[0]["lr"],
-                   "fvu": out.fvu.item(), "auxk": out.auxk_loss.item(),
+                   **{name: term.item() for name, term in out.terms.items()},
                    "l0": (out.top_acts > 0).sum(-1).float().mean().item(),
                    "dead_fraction": (tsf >= cfg.dead_tokens).float().mean().item()}
             history.append(row)
-            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2%}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2%}")
         bar.update(1)
         if ckpt_dir is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < n_steps:
             save_checkpoint(ckpt_dir, sae, opt, tsf, step + 1, history)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gsae import claims as C
+from gsae import report as R
 
 REPO = Path(__file__).resolve().parent.parent
 K_GRID = (8, 16, 32, 64)
@@ -119,7 +120,7 @@ def test_significantly_worse_at_one_k_is_not_replicated(prereg):
     v = by_claim(C.verdicts(prereg, rows))["C1"]
     assert v.n_supported == 3 and v.n_worse == 1
     assert v.verdict == "not replicated"
-    assert "significantly worse" in C.k_status(v, v.per_k[-1])
+    assert "significantly worse" in R.k_status(v, v.per_k[-1])
 
 
 def test_noisy_difference_is_inconclusive(prereg):
@@ -234,7 +235,7 @@ def test_all_variants_agree_is_robust(prereg):
     for cid in ("C1", "C2", "C3", "C4"):
         assert sens[cid].primary.verdict == "replicated", cid
         assert sens[cid].label == "robust", (cid, [(v.variant, v.verdict) for v in sens[cid].variants])
-        assert C.readme_verdict(sens[cid]) == "replicated"
+        assert R.readme_verdict(sens[cid]) == "replicated"
     c1 = {v.variant: v for v in sens["C1"].variants}
     assert set(c1) == {"plain_encode", "value_mode_score", "grad_norm_token", "auxk_off"}
     assert [x.k for x in c1["auxk_off"].per_k] == [16, 64] and c1["auxk_off"].need_replicated == 2
@@ -247,12 +248,12 @@ def test_all_variants_agree_is_robust(prereg):
 def test_one_disagreeing_variant_is_fragile_and_a_missing_one_incomplete(prereg):
     sens = C.sensitivity(prereg, add_trained_variants(full_primary(), bad="value_mode_score").list())
     assert sens["C1"].label == "fragile" and sens["C1"].disagreeing == ("value_mode_score",)
-    assert C.readme_verdict(sens["C1"]) == "replicated (fragile)"
+    assert R.readme_verdict(sens["C1"]) == "replicated (fragile)"
     assert sens["C2"].label == "robust"
 
     sens = C.sensitivity(prereg, add_trained_variants(full_primary(), skip=("auxk_off",)).list())
     assert sens["C1"].label == "incomplete" and sens["C1"].untested == ("auxk_off",)
-    assert C.readme_verdict(sens["C1"]) == "replicated (sensitivity incomplete)"
+    assert R.readme_verdict(sens["C1"]) == "replicated (sensitivity incomplete)"
 
 
 def test_plain_encode_reads_the_plain_rows(prereg):
@@ -270,37 +271,37 @@ def test_table_shows_failures_as_plainly_as_successes(prereg):
     r.set("delta_ce", shift(0.5, 0), shift(0.4, 0, noise=0.005, worse_at=64, worse_delta=0.2))
     vs = C.verdicts(prereg, r.list())
     sens = C.sensitivity(prereg, r.list(), primary=vs)
-    table = C.render_claims_table(vs, sens, {"C1": "results/default/figures/c1.png"})
+    table = R.render_claims_table(vs, sens, {"C1": "results/default/figures/c1.png"})
     c1_line = next(line for line in table.splitlines() if line.startswith("| **C1**"))
     # other variants replicate, so the primary's failure is itself fragile, and says so
     assert "| not replicated (fragile) |" in c1_line and "**significantly worse**" in c1_line
     assert "k=64: Δ +" in c1_line and "[figure](results/default/figures/c1.png)" in c1_line
     assert "supported at 3/4 k" in c1_line
-    md = C.render_sensitivity_md(vs, sens, prereg, table)
+    md = R.render_sensitivity_md(vs, sens, prereg, table)
     assert "| C1 | not replicated (3/4) |" in md and "| auxk_off | `delta_ce` | 16 | 3 |" in md
 
 
 # ------------------------------------------------------------------------------------------------ README
 def test_readme_round_trip(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nintro\n\n{C.START}\nold table\n{C.END}\n\nafter\n")
+    readme.write_text(f"# Title\n\nintro\n\n{R.START}\nold table\n{R.END}\n\nafter\n")
     table = "| a | b |\n|---|---|\n| 1 | 2 |\n"
-    C.update_readme(readme, table)
+    R.update_readme(readme, table)
     text = readme.read_text()
-    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{C.END}\n\nafter\n")
-    assert "old table" not in text and C.check_readme(readme, table)
+    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{R.END}\n\nafter\n")
+    assert "old table" not in text and R.check_readme(readme, table)
     readme.write_text(text.replace("| 1 |", "| 7 |"))
-    assert not C.check_readme(readme, table)
+    assert not R.check_readme(readme, table)
     readme.write_text("# no markers\n")
-    with pytest.raises(C.ReadmeMarkerError, match="claims:start"):
-        C.update_readme(readme, table)
-    with pytest.raises(C.ReadmeMarkerError):
-        C.check_readme(readme, table)
-    readme.write_text(f"{C.END}\n{C.START}\n")
-    with pytest.raises(C.ReadmeMarkerError):
-        C.check_readme(readme, table)
+    with pytest.raises(R.ReadmeMarkerError, match="claims:start"):
+        R.update_readme(readme, table)
+    with pytest.raises(R.ReadmeMarkerError):
+        R.check_readme(readme, table)
+    readme.write_text(f"{R.END}\n{R.START}\n")
+    with pytest.raises(R.ReadmeMarkerError):
+        R.check_readme(readme, table)
     with pytest.raises(FileNotFoundError, match="create it"):
-        C.update_readme(tmp_path / "missing.md", table)
+        R.update_readme(tmp_path / "missing.md", table)
 
 
 def test_cli_writes_then_checks(tmp_path, capsys):
@@ -311,7 +312,7 @@ def test_cli_writes_then_checks(tmp_path, capsys):
     (tmp_path / "figures" / "fidelity_delta_ce_kl.png").write_bytes(b"png")  # C1's figure (FIGURE_FOR_CLAIM)
     rows = add_trained_variants(full_primary()).list()
     (results / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "README.md").write_text(f"# R\n{C.START}\n{C.END}\n")
+    (tmp_path / "README.md").write_text(f"# R\n{R.START}\n{R.END}\n")
 
     assert C.main(["--profile", "default", "--root", str(tmp_path), "--check"]) == 1
     assert C.main(["--profile", "default", "--root", str(tmp_path)]) == 0
@@ -351,7 +352,7 @@ def test_unregistered_profile_uses_its_own_grid_and_never_touches_the_readme(tmp
     results.mkdir(parents=True)
     rows = Results().set("delta_ce", shift(0.5, 0), shift(0.4, 0, noise=0.005), ks=(4, 8, 16, 32)).list()
     (results / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pc = C.verdict_for_profile("smoke", tmp_path)
+    pc = R.verdict_for_profile("smoke", tmp_path)
     assert pc.readme_path is None and pc.sensitivity_path == results / "SENSITIVITY.md"
     assert [x.k for x in pc.verdicts[0].per_k] == [4, 8, 16, 32] and pc.verdicts[0].verdict == "replicated"
     assert "never the claims" in pc.claims_table
@@ -365,22 +366,22 @@ def test_committed_readme_and_sensitivity_match_the_committed_results():
     results/default/metrics.jsonl: nobody typed a verdict."""
     if not (REPO / "results" / "default" / "metrics.jsonl").exists():
         pytest.skip("no committed default-profile results yet (run ./run_all.sh)")
-    pc = C.verdict_for_profile("default")
-    assert C.check_readme(REPO / "README.md", pc.claims_table), "README claims table is stale: python -m gsae.claims"
+    pc = R.verdict_for_profile("default")
+    assert R.check_readme(REPO / "README.md", pc.claims_table), "README claims table is stale: python -m gsae.claims"
     assert (REPO / "SENSITIVITY.md").read_text() == pc.sensitivity_md, "SENSITIVITY.md is stale"
 
 
 def test_selection_note_reports_the_grid_edge_check_either_way():
     sel = {"k": 32, "seed": 0, "objective": "delta_ce", "lr": 0.004, "beta": 0.1,
            "lr_trials": {"0.001": 0.6, "0.004": 0.42}, "beta_trials": {"0.1": 0.39, "3.0": 0.54}}
-    assert C.selection_note(None, None) == ""
-    base = C.selection_note(sel, None)
+    assert R.selection_note(None, None) == ""
+    base = R.selection_note(sel, None)
     assert "lr 0.004 (grid 0.001 … 0.004)" in base and "β 0.1 (grid 0.1 … 3)" in base and "edge" not in base
     edges = {"checks": {"beta": {"chosen": 0.1, "chosen_delta_ce": 0.39, "beyond": 0.0333, "beyond_delta_ce": 0.38,
                                  "would_move": True},
                         "lr": {"chosen": 0.004, "chosen_delta_ce": 0.42, "beyond": 0.008, "beyond_delta_ce": 0.45,
                                "would_move": False}}}
-    note = C.selection_note(sel, edges)
+    note = R.selection_note(sel, edges)
     assert "beta 0.0333 (ΔCE 0.380 vs 0.390 at 0.1) scores better, so the registered choice is a limit" in note
     assert "lr 0.008 (ΔCE 0.450 vs 0.420 at 0.004) scores worse, so the registered choice is a local optimum" in note
 
@@ -390,7 +391,7 @@ def test_glance_table_by_hand():
                       ks=(8,))
     r.set("delta_ce", topk=per_seed(0.5, [0.0, 0.1, 0.2]), gsae=per_seed(0.45, [0.0, 0.0, 0.0]), ks=(8,),
           g_mode="plain", topk_modes=())
-    table = C.render_glance_table(r.list(), [8])
+    table = R.render_glance_table(r.list(), [8])
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, df 2) * sd / sqrt(n), sd of {0, .1, .2} = 0.1
     assert f"| 8 | TopK | 3 | 0.600 ± {half:.3f} |" in table
     assert "| 8 | g-SAE, g-encode | 3 | 0.500 ± 0." in table
@@ -407,9 +408,9 @@ def test_a_variant_with_the_primary_saes_is_not_counted(prereg):
     assert C.same_as_primary_variants(rows + copies) == {"auxk_off"}
     sens = C.sensitivity(prereg, rows + copies)
     assert sens["C1"].same_as_primary == ("auxk_off",) and sens["C1"].label == "robust"
-    cell = C._robustness_cell(sens["C1"])
+    cell = R._robustness_cell(sens["C1"])
     assert "3/3 variants agree" in cell and "not counted (SAEs identical to the primary's): auxk_off" in cell
-    md = C.render_sensitivity_md(list(C.verdicts(prereg, rows + copies)), sens, prereg)
+    md = R.render_sensitivity_md(list(C.verdicts(prereg, rows + copies)), sens, prereg)
     assert "= primary SAEs" in md
     # one metric differing in one row makes it a real variant again
     copies[0]["metrics"]["delta_ce"] += 1e-9

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from gsae import pipeline
-from gsae.config import ConfigError, load_profile, profile_from_dict
+from gsae.config import SECTIONS, ConfigError, load_profile, profile_from_dict
+from gsae.stages.contexts import rows_per_context
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,33 @@ BAD = [
     (with_change("experiment", k_grid=[0, 8]), "k_grid"),
     (with_change("experiment", beta_grid=[-1.0]), "beta_grid"),
     ({**smoke_raw(), "model": {"name": "tiny", "layers": 3}}, "unknown key"),
+    (with_change("experiment", arms=["topk", "jumprelu"]), "registered arms"),
+    (with_change("experiment", arms=["topk"]), "two or more"),
+    (with_change("steering", alphas=[]), "steering.alphas"),
+    (with_change("eval", batch_contexts=0), "eval.batch_contexts"),
+    (with_change("probing", max_tags=0), "probing.min_tag_count and max_tags"),
+    (with_change("selection", lr_multipliers=[0.0]), "selection.lr_multipliers"),
+    (with_change("variants", seeds=[1, 1]), "variants.seeds"),
+    ({**smoke_raw(), "steerig": {"n_latents": 3}}, r"unknown section\(s\) \['steerig'\]"),
 ]
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_a_misspelled_key_in_any_section_names_the_key_and_the_allowed_ones(section):
+    raw = smoke_raw()
+    raw[section] = {**(raw.get(section) or {}), "n_latentz": 1}
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) \['n_latentz'\] in section '{section}'; allowed: \["):
+        profile_from_dict("bad", raw)
+
+
+def test_section_defaults_live_in_one_place_and_the_profiles_set_every_stage_section():
+    """A section missing from a profile takes its dataclass defaults; the shipped profiles spell out theirs,
+    so no stage silently runs on a default the profile did not state."""
+    p = profile_from_dict("minimal", {})
+    assert p.steering == SECTIONS["steering"]()
+    for name in ("smoke", "default", "paper"):
+        raw = yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text())
+        assert {"eval", "steering", "probing", "selection", "variants"} <= set(raw), name
 
 
 @pytest.mark.parametrize("raw,msg", BAD, ids=[m for _, m in BAD])
@@ -61,7 +88,7 @@ def test_the_shipped_profiles_are_valid():
     for name in ("smoke", "default", "paper"):
         p = load_profile(name)
         assert p.model.hook_name.startswith("blocks.")
-        assert p.harvest.tokens["train"] % pipeline.rows_per_context(p) == 0, name  # whole contexts
+        assert p.harvest.tokens["train"] % rows_per_context(p) == 0, name  # whole contexts
 
 
 def test_paper_profile_fails_fast_offline_but_dry_run_validates(monkeypatch):

@@ -323,8 +323,8 @@ def test_bad_inputs_raise_clear_errors(lm, topk, baselines):
 
 
 def test_fvu_typical_leaves_out_massive_rows_by_hand():
-    """pipeline.activation_metrics: the pooled FVU over all rows and over rows with norm <= cap, by numpy."""
-    from gsae.pipeline import MASSIVE_NORM_FACTOR, activation_metrics, massive_norm_cap
+    """stages.evaluate.activation_metrics: the pooled FVU over all rows and over rows with norm <= cap, by numpy."""
+    from gsae.stages.evaluate import MASSIVE_NORM_FACTOR, activation_metrics, massive_norm_cap
 
     gen = torch.Generator().manual_seed(3)
     d = 8

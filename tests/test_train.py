@@ -25,7 +25,8 @@ def synthetic_stream(seed: int, n_batches: int, batch: int = 128):
 
 
 def cfgs(beta=0.0, tokens=128 * 40, **kw):
-    return (SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, beta=beta),
+    """(arm, SAEConfig, TrainConfig): beta = 0 is the TopK arm, beta > 0 the g-SAE."""
+    return ("gsae" if beta > 0 else "topk", SAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, beta=beta),
             TrainConfig(tokens=tokens, batch_size=128, lr=3e-3, dead_tokens=128 * 5, checkpoint_every=7, **kw))
 
 
@@ -37,8 +38,8 @@ def weights_hash(sae) -> str:
 
 
 def test_loss_falls_and_history_is_logged():
-    s, t = cfgs()
-    res = train_sae(s, t, lambda: synthetic_stream(0, 100), progress=False)
+    arm, s, t = cfgs()
+    res = train_sae(arm, s, t, lambda: synthetic_stream(0, 100), progress=False)
     assert res.history[-1]["fvu"] < 0.5 * res.history[0]["fvu"]
     assert res.history[-1]["l0"] <= K
     assert torch.allclose(res.sae.W_dec.norm(dim=1), torch.ones(D_SAE), atol=1e-5)
@@ -46,12 +47,12 @@ def test_loss_falls_and_history_is_logged():
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 def test_same_seed_identical_weights_other_seed_differs(beta):
-    s, t = cfgs(beta)
-    a = train_sae(s, t, lambda: synthetic_stream(0, 100), progress=False)
-    b = train_sae(s, t, lambda: synthetic_stream(0, 100), progress=False)
+    arm, s, t = cfgs(beta)
+    a = train_sae(arm, s, t, lambda: synthetic_stream(0, 100), progress=False)
+    b = train_sae(arm, s, t, lambda: synthetic_stream(0, 100), progress=False)
     assert weights_hash(a.sae) == weights_hash(b.sae)
-    s2, t2 = cfgs(beta, seed=1)
-    c = train_sae(s2, t2, lambda: synthetic_stream(0, 100), progress=False)
+    arm2, s2, t2 = cfgs(beta, seed=1)
+    c = train_sae(arm2, s2, t2, lambda: synthetic_stream(0, 100), progress=False)
     assert weights_hash(a.sae) != weights_hash(c.sae)
 
 
@@ -62,8 +63,8 @@ def test_beta_changes_training_when_fed_the_same_stream():
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
-    s, t = cfgs(1.0)
-    full = train_sae(s, t, lambda: synthetic_stream(0, 100), progress=False)
+    arm, s, t = cfgs(1.0)
+    full = train_sae(arm, s, t, lambda: synthetic_stream(0, 100), progress=False)
 
     class Crash(Exception):
         pass
@@ -75,15 +76,15 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
             yield b
 
     with pytest.raises(Crash):
-        train_sae(s, t, crashing_stream, ckpt_dir=tmp_path, progress=False)
+        train_sae(arm, s, t, crashing_stream, ckpt_dir=tmp_path, progress=False)
     assert (tmp_path / "checkpoint.json").exists()
-    resumed = train_sae(s, t, lambda: synthetic_stream(0, 100), ckpt_dir=tmp_path, progress=False)
+    resumed = train_sae(arm, s, t, lambda: synthetic_stream(0, 100), ckpt_dir=tmp_path, progress=False)
     assert weights_hash(resumed.sae) == weights_hash(full.sae)
     assert torch.equal(resumed.tokens_since_fired, full.tokens_since_fired)
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
-    s, t = cfgs(0.0)
+    arm, s, t = cfgs(0.0)
 
     def poisoned():
         for i, (x, g) in enumerate(synthetic_stream(0, 100)):
@@ -93,7 +94,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path):
             yield x, g
 
     with pytest.raises(TrainingDiverged, match="step 10"):
-        train_sae(s, t, poisoned, ckpt_dir=tmp_path, progress=False)
+        train_sae(arm, s, t, poisoned, ckpt_dir=tmp_path, progress=False)
     from gsae.io import read_json
 
     assert read_json(tmp_path / "checkpoint.json")["step"] == 7  # the last good one, untouched
@@ -124,9 +125,9 @@ def test_lr_schedule_shape():
 
 
 def test_stream_too_short_is_a_clear_error():
-    s, t = cfgs()
+    arm, s, t = cfgs()
     with pytest.raises(ValueError, match="stream ended"):
-        train_sae(s, t, lambda: synthetic_stream(0, 3), progress=False)
+        train_sae(arm, s, t, lambda: synthetic_stream(0, 3), progress=False)
 
 
 KILL_SCRIPT = """
@@ -141,8 +142,8 @@ def slow_stream():
         time.sleep(float(sys.argv[2]))
         yield b
 
-s, t = cfgs(1.0)
-res = train_sae(s, t, slow_stream, ckpt_dir=sys.argv[1], progress=False)
+arm, s, t = cfgs(1.0)
+res = train_sae(arm, s, t, slow_stream, ckpt_dir=sys.argv[1], progress=False)
 print(weights_hash(res.sae))
 """
 

@@ -1,0 +1,97 @@
+"""One metric record per (SAE, encoder, split), and the one writer of ``results/<profile>/metrics.jsonl``.
+
+Every per-SAE stage file (train.json, eval_*, steer_*, probe_*) carries a ``metrics`` section,
+``{"all": {...}}`` for numbers that do not depend on the encoder and/or ``{"g": {...}, "plain": {...}}``. A
+record is the union of those sections: every numeric scalar any stage wrote, with no list of allowed keys, so
+a new metric appears in metrics.jsonl by being written by its stage. Only the ``claims`` stage writes the file;
+notebooks call ``records`` to plot the same numbers without writing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from . import io
+from .config import Profile
+from .paths import SPLITS, results_dir
+from .specs import SAESpec, sae_dir
+
+ENCODE_MODES = ("g", "plain")
+
+
+class MetricRecord(NamedTuple):
+    sae: str
+    """The SAE's spec name (group/arm-k-seed)."""
+    variant: str
+    arm: str
+    k: int
+    seed: int
+    beta: float
+    encode_mode: str
+    split: str
+    metrics: dict[str, float]
+
+    def row(self) -> dict[str, Any]:
+        """The metrics.jsonl line (what gsae.claims reads)."""
+        return {"variant": self.variant, "arm": self.arm, "k": self.k, "seed": self.seed,
+                "encode_mode": self.encode_mode, "beta": self.beta, "split": self.split, "sae": self.sae,
+                "metrics": self.metrics}
+
+
+def _numbers(section: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in section.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _stage_files(d: Path, split: str) -> list[Path]:
+    """train.json plus every per-SAE result file of ``split`` (the firing-count tensors hold no metrics)."""
+    return [d / "train.json"] + sorted(f for f in d.glob(f"*_{split}-*.json"))
+
+
+def records(p: Profile, lm, specs: list[SAESpec], split: str = "test") -> list[MetricRecord]:
+    """Every metric each stage wrote for each spec and encoder on ``split`` (current code's files only)."""
+    from .stages.evaluate import eval_file
+    from .stages.probe import probe_file
+    from .stages.steer import steer_file
+
+    current = {eval_file(p, split), steer_file(p).replace("_test-", f"_{split}-"),
+               probe_file(p).replace("_test-", f"_{split}-")}
+    mh = lm.info["model_hash"]
+    out = []
+    for s in specs:
+        d = sae_dir(p, s, mh)
+        files = [f for f in _stage_files(d, split) if f.name == "train.json" or f.name in current]
+        sections = [io.read_json(f).get("metrics", {}) for f in files]
+        for mode in ENCODE_MODES:
+            m: dict[str, float] = {}
+            for sec in sections:
+                m.update(_numbers(sec.get("all", {})))
+                m.update(_numbers(sec.get(mode, {})))
+            out.append(MetricRecord(s.name, s.group, s.arm, s.k, s.seed, s.sae.beta, mode, split, m))
+    return out
+
+
+def write_metrics(p: Profile, lm, specs: list[SAESpec], split: str = "test") -> Path:
+    """results/<profile>/metrics.jsonl from ``records`` (one line per record, sorted keys), plus provenance."""
+    path = results_dir(p) / "metrics.jsonl"
+    rows = [r.row() for r in records(p, lm, specs, split)]
+    with io.atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_provenance(p, lm)
+    return path
+
+
+def write_provenance(p: Profile, lm) -> dict[str, Any]:
+    from .stages.contexts import contexts_manifest
+    from .stages.harvest import reader
+
+    mh = lm.info["model_hash"]
+    cm = contexts_manifest(p, mh)
+    prov = io.provenance(profile=p.to_dict(), seeds=list(p.experiment.seeds), model=lm.info,
+                         data={"split_hash": cm["split_hash"], "data_hash": cm["data_hash"], "counts": cm["counts"]},
+                         harvest={s: reader(p, s, mh).manifest.get("plan_hash") for s in SPLITS})
+    io.write_json(results_dir(p) / "provenance.json", prov)
+    return prov

@@ -1,0 +1,123 @@
+"""What gets trained: one ``SAESpec`` per SAE, a pure function of the profile and the selection results.
+
+Specs are work items: the same profile always yields the same list in the same order, and an SAE's directory
+(``sae_dir``) is keyed by its name and the data it is trained on, so which process trains a spec never changes
+its bytes. Arms come from ``gsae.arms``; this module never branches on an arm's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import arms, io
+from .config import Profile, SAEConfig, TrainConfig, config_hash
+from .paths import run_dir
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    group: str
+    """"selection", "primary" or a sensitivity variant name."""
+    arm: str
+    """Registered arm name (``gsae.arms``)."""
+    k: int
+    seed: int
+    sae: SAEConfig
+    train: TrainConfig
+    label: str = ""
+    """Distinguishes selection trials (e.g. "lr2.0", "beta0.3")."""
+
+    @property
+    def name(self) -> str:
+        tail = f"-{self.label}" if self.label else ""
+        return f"{self.group}/{self.arm}-k{self.k}-s{self.seed}{tail}"
+
+    @property
+    def arm_impl(self) -> arms.Arm:
+        return arms.get(self.arm)
+
+    @property
+    def primary_encode(self) -> str:
+        """The encoder this SAE is meant to be used with: "g" when its code uses the gradient, else "plain"."""
+        return "g" if self.arm_impl.has_gradient_encoder else "plain"
+
+
+def sae_config(p: Profile, arm: str, d_in: int, k: int, grad_scale: float, **own: Any) -> SAEConfig:
+    """The ``SAEConfig`` of ``arm`` at sparsity ``k`` with the profile's dictionary size and the arm's own fields."""
+    return arms.get(arm).make_config(d_in=d_in, d_sae=p.experiment.expansion * d_in, k=k, grad_scale=grad_scale,
+                                     **own)
+
+
+def baseline_arm(p: Profile) -> str:
+    return p.experiment.arms[0]
+
+
+def selection_specs(p: Profile, d_in: int, grad_scale: float, lr: float | None = None) -> list[SAESpec]:
+    """Validation trials at (beta_select_k, beta_select_seed) (PREREG §3): the baseline arm's lr trials (``lr``
+    None), or, at the chosen ``lr``, a trial per value of each other arm's own hyperparameter grid."""
+    k, s = p.experiment.beta_select_k, p.experiment.beta_select_seed
+    if lr is None:
+        base = baseline_arm(p)
+        return [SAESpec("selection", base, k, s, sae_config(p, base, d_in, k, grad_scale),
+                        replace(p.train, seed=s, lr=p.train.lr * m), f"lr{m:g}")
+                for m in p.selection.lr_multipliers]
+    specs = []
+    for name in p.experiment.arms:
+        for hp, grid in arms.get(name).hyperparameter_grid(p.experiment).items():
+            specs += [SAESpec("selection", name, k, s, sae_config(p, name, d_in, k, grad_scale, **{hp: v}),
+                              replace(p.train, seed=s, lr=lr), f"{hp}{v:g}") for v in grid]
+    return specs
+
+
+def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str, dict[str, float]],
+                     lr: float) -> list[SAESpec]:
+    """The primary grid (every arm, k and seed; arms interleaved per (k, seed)) and the sensitivity variants:
+    each arm's own variants, and ``auxk_off`` (AuxK switched off) for every arm. ``chosen`` maps an arm to its
+    selected hyperparameters."""
+    def cfg(name: str, k: int, **over: Any) -> SAEConfig:
+        return sae_config(p, name, d_in, k, grad_scale, **{**chosen.get(name, {}), **over})
+
+    specs = [SAESpec("primary", name, k, s, cfg(name, k), replace(p.train, seed=s, lr=lr))
+             for k in p.experiment.k_grid for s in p.experiment.seeds for name in p.experiment.arms]
+    for k in p.variants.k_grid:
+        for s in p.variants.seeds:
+            t = replace(p.train, seed=s, lr=lr)
+            for name in p.experiment.arms:
+                for variant, over in arms.get(name).sensitivity_variants.items():
+                    specs.append(SAESpec(variant, name, k, s, cfg(name, k, **over), t))
+            specs += [SAESpec("auxk_off", name, k, s, cfg(name, k), replace(t, aux_coef=0.0))
+                      for name in p.experiment.arms]
+    return specs
+
+
+def sae_dir(p: Profile, spec: SAESpec, model_hash: str) -> Path:
+    return run_dir(p) / "saes" / config_hash(p.model, p.data, p.harvest, model_hash, n=8) / spec.name
+
+
+def source_version(*modules: Any) -> str:
+    """Hash of the source files of ``modules``: keys a cached per-SAE result to the code that computed it, so an
+    edited metric is recomputed without a hand-bumped version number."""
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(Path(m.__file__).read_bytes())
+    return h.hexdigest()[:8]
+
+
+def stage_file(p: Profile, stage: str, split: str = "test", code: str = "") -> str:
+    """Per-SAE result file name keyed by the settings (and ``code``, a ``source_version``) that produced it, so a
+    changed config or code is recomputed rather than read stale."""
+    section = {"eval": p.eval, "firing": p.eval, "steer": p.steering, "probe": p.probing}[stage]
+    ext = "safetensors" if stage == "firing" else "json"
+    return f"{stage}_{split}-{config_hash(section, code, n=8)}.{ext}"
+
+
+def load_trained(p: Profile, spec: SAESpec, model_hash: str):
+    """The trained SAE of ``spec`` (integrity-checked against its manifest), as its arm's module."""
+    from .saelens import load_sae
+
+    d = sae_dir(p, spec, model_hash)
+    io.verify_manifest(d, rebuild_hint=f"delete {d} and re-run the train stage")
+    return load_sae(d / "sae")

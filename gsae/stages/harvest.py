@@ -1,0 +1,37 @@
+"""Stage ``harvest``: x and g at the hook for every split, resumable shards + manifest (``gsae.harvest``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import harvest as harvest_lib
+from ..config import Profile, config_hash
+from ..paths import SPLITS, run_dir
+from .contexts import contexts, contexts_manifest
+
+
+def harvest_dir(p: Profile, split: str, model_hash: str) -> Path:
+    return run_dir(p) / f"harvest-{config_hash(p.model, p.data, p.harvest, model_hash)}" / split
+
+
+def reader(p: Profile, split: str, model_hash: str) -> harvest_lib.ActivationReader:
+    return harvest_lib.ActivationReader(harvest_dir(p, split, model_hash))
+
+
+def run(p: Profile, lm=None, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Harvest every split (resumable); returns each split's manifest."""
+    from . import load_lm
+
+    lm = lm or load_lm(p, progress)
+    mh = lm.info["model_hash"]
+    ctx = contexts(p, lm.tokenizer, mh)
+    cm = contexts_manifest(p, mh)
+    out = {}
+    for split in SPLITS:
+        meta = {"model_hash": mh, "data_hash": cm["data_hash"][split], "split_hash": cm["split_hash"],
+                "split": split, "profile": p.name}
+        out[split] = harvest_lib.harvest(lm.model, ctx[split].tokens, p.model.hook_name, harvest_dir(p, split, mh),
+                                         n_tokens=p.harvest.tokens[split], cfg=p.harvest, meta=meta,
+                                         progress=progress)
+    return out

@@ -1,0 +1,79 @@
+"""Stage ``steer`` (C3, PREREG §5): per SAE, add alpha x median ||x|| along sampled live decoder directions and
+measure KL and the promoted tokens' log-prob gain. Writes ``steer_test-<key>.json`` with the per-latent numbers
+and their means under ``metrics``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from .. import io, steering
+from ..config import Profile
+from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
+from .evaluate import eval_tokens, firing_counts
+
+
+def steer_file(p: Profile) -> str:
+    return stage_file(p, "steer", code=source_version(steering, sys.modules[__name__]))
+
+
+def summarise(alphas_rel: list[float], kl: list[list[float]], gain: list[list[float]]) -> dict[str, float]:
+    """The claim-level numbers: mean KL and mean log-prob gain over the sampled latents, per alpha."""
+    out = {}
+    for j, a in enumerate(alphas_rel):
+        out[f"steer_kl@{float(a)}"] = float(torch.tensor(kl)[:, j].mean())
+        out[f"steer_logprob@{float(a)}"] = float(torch.tensor(gain)[:, j].mean())
+    return out
+
+
+def run_steering(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> dict[str, Any]:
+    """Steering of each SAE, cached per SAE; latents are sampled among those live under the SAE's own encoder."""
+    cfg = p.steering
+    mh = lm.info["model_hash"]
+    name = steer_file(p)
+    todo = [s for s in specs if not (sae_dir(p, s, mh) / name).exists()]
+    if todo:
+        tokens, rd = eval_tokens(p, lm, "test")
+        x_norm = steering.median_activation_norm(rd.load_all().x)
+        alphas_rel = list(cfg.alphas)
+        ctx_idx = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))[:cfg.n_contexts]
+        ctx = tokens[ctx_idx]
+        for s in todo:
+            sae = load_trained(p, s, mh)
+            ids = steering.sample_live_latents(firing_counts(p, lm, s)[s.primary_encode], cfg.n_latents, seed=0)
+            dirs = sae.W_dec.detach()[ids]
+            top = steering.promoted_tokens(lm.model, dirs, cfg.top_tokens)
+            r = steering.steer(lm.model, dirs, ctx, p.model.hook_name, [a * x_norm for a in alphas_rel],
+                               first=int(p.harvest.exclude_pos0), top_tokens=top, progress=False)
+            kl, gain = r.kl.tolist(), r.logprob_gain.tolist()
+            io.write_json(sae_dir(p, s, mh) / name, {
+                "alphas_rel": alphas_rel, "median_norm": x_norm, "latents": ids.tolist(), "kl": kl,
+                "logprob_gain": gain, "metrics": {"all": summarise(alphas_rel, kl, gain)}})
+    return {s.name: io.read_json(sae_dir(p, s, mh) / name) for s in specs}
+
+
+def steering_frame(p: Profile, lm, specs: list[SAESpec], group: str = "primary"):
+    """Long table of per-latent steering effects: arm, k, seed, latent, alpha, metric (kl|logprob), value."""
+    import pandas as pd
+
+    chosen = [s for s in specs if s.group == group]
+    res = run_steering(p, lm, chosen, progress=False)
+    rows = []
+    for s in chosen:
+        r = res[s.name]
+        for metric, key in (("kl", "kl"), ("logprob", "logprob_gain")):
+            for li, per_alpha in zip(r["latents"], r[key], strict=True):
+                for a, v in zip(r["alphas_rel"], per_alpha, strict=True):
+                    rows.append({"arm": s.arm_impl.label, "k": s.k, "seed": s.seed, "latent": li, "alpha": a,
+                                 "metric": metric, "value": v})
+    return pd.DataFrame(rows)
+
+
+def run(p: Profile, lm=None, progress: bool = True) -> dict[str, Any]:
+    from . import load_lm
+    from .train import all_specs
+
+    lm = lm or load_lm(p, progress)
+    return run_steering(p, lm, all_specs(p, lm), progress)
