@@ -40,10 +40,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .config import ConfigError
 from .io import atomic_path
+from .probing import checked_row_index
+from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 GROUPS = ("frequent", "changed", "random")
 GROUP_TITLES = {"frequent": "Most frequent", "changed": "Selection most changed by the gradient",
@@ -350,12 +351,8 @@ def build_dashboard(codes: SparseCodes, d_sae: int, row_ctx: Tensor, row_pos: Te
                          f"{tuple(row_ctx.shape)} and {tuple(row_pos.shape)}")
     if context_tokens.dim() != 2:
         raise ValueError(f"context_tokens must be [n_ctx, T], got shape {tuple(context_tokens.shape)}")
-    row_ctx, row_pos, ctx_tok = row_ctx.cpu().long(), row_pos.cpu().long(), context_tokens.cpu().long()
+    row_ctx, row_pos, ctx_tok = checked_row_index(row_ctx, row_pos, context_tokens)
     n_ctx, T = ctx_tok.shape
-    if n_rows and (int(row_ctx.min()) < 0 or int(row_ctx.max()) >= n_ctx or int(row_pos.min()) < 0
-                   or int(row_pos.max()) >= T):
-        raise ValueError(f"row_ctx / row_pos point outside context_tokens [{n_ctx}, {T}]; pass the contexts the "
-                         f"harvest was built from")
     W_dec = W_dec.detach().cpu().float()
     W_U = W_U.detach().cpu().float()
     if W_dec.shape[0] != d_sae or W_U.dim() != 2 or W_U.shape[0] != W_dec.shape[1]:

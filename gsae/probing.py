@@ -235,6 +235,17 @@ def _column_getter(acts: Acts | Callable[[int], Tensor], n_rows: int) -> Callabl
     return column
 
 
+def checked_row_index(row_ctx: Tensor, row_pos: Tensor, context_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(row_ctx, row_pos, context_tokens) as CPU int64, after checking every row points inside the contexts."""
+    row_ctx, row_pos, ctx_tok = row_ctx.cpu().long(), row_pos.cpu().long(), context_tokens.cpu().long()
+    n_ctx, T = ctx_tok.shape
+    if row_ctx.numel() and (int(row_ctx.min()) < 0 or int(row_ctx.max()) >= n_ctx or int(row_pos.min()) < 0
+                            or int(row_pos.max()) >= T):
+        raise ValueError(f"row_ctx / row_pos point outside context_tokens [{n_ctx}, {T}]; pass the contexts "
+                         f"the harvest was built from")
+    return row_ctx, row_pos, ctx_tok
+
+
 def latent_cards(latent_ids: Sequence[int], acts: Acts | Callable[[int], Tensor], row_ctx: Tensor, row_pos: Tensor,
                  context_tokens: Tensor, tokenizer: Any, n_examples: int = 8, window: int = 12,
                  after: int = 4) -> str:
@@ -253,12 +264,8 @@ def latent_cards(latent_ids: Sequence[int], acts: Acts | Callable[[int], Tensor]
     if n_examples < 1 or window < 0 or after < 0:
         raise ValueError(f"need n_examples >= 1, window >= 0, after >= 0; got {n_examples}, {window}, {after}")
     n_rows = row_ctx.shape[0]
-    row_ctx, row_pos, ctx_tok = row_ctx.cpu().long(), row_pos.cpu().long(), context_tokens.cpu().long()
+    row_ctx, row_pos, ctx_tok = checked_row_index(row_ctx, row_pos, context_tokens)
     n_ctx, T = ctx_tok.shape
-    if n_rows and (int(row_ctx.min()) < 0 or int(row_ctx.max()) >= n_ctx or int(row_pos.min()) < 0
-                   or int(row_pos.max()) >= T):
-        raise ValueError(f"row_ctx / row_pos point outside context_tokens [{n_ctx}, {T}]; pass the contexts "
-                         f"the harvest was built from")
     column = _column_getter(acts, n_rows)
 
     def text(ids: Tensor) -> str:

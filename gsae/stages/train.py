@@ -10,6 +10,7 @@ from typing import Any
 from .. import arms, io
 from ..config import Profile
 from ..paths import registry_append, results_dir
+from ..progress import bar
 from ..specs import SAESpec, baseline_arm, experiment_specs, sae_config, sae_dir, selection_specs
 from .harvest import reader
 
@@ -167,7 +168,7 @@ def run(p: Profile, lm=None, progress: bool = True) -> list[SAESpec]:
     selection_edge_check(p, lm, progress)
     specs = all_specs(p, lm)
     rd = reader(p, "train", lm.info["model_hash"])
-    for s in specs:
+    for s in bar(specs, desc="SAEs", unit="SAE", disable=not progress):
         train_one(p, s, rd, lm.info["model_hash"], progress)
     return specs
 
