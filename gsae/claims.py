@@ -46,6 +46,7 @@ from scipy import stats as sps
 
 from . import arms
 from .config import ExperimentConfig
+from .evals import ALL_ENCODE_MODES
 
 ROOT = Path(__file__).resolve().parent.parent
 VERDICTS = ("replicated", "not replicated", "inconclusive", "not tested")
@@ -176,8 +177,8 @@ def _validate_row(row: Any, where: str) -> None:
         raise ResultsError(f"{where}: missing field(s) {sorted(missing)}")
     if row["arm"] not in arms.names():
         raise ResultsError(f"{where}: arm must be a registered arm {sorted(arms.names())}, got {row['arm']!r}")
-    if row["encode_mode"] not in ("g", "plain"):
-        raise ResultsError(f"{where}: encode_mode must be 'g' or 'plain', got {row['encode_mode']!r}")
+    if row["encode_mode"] not in ALL_ENCODE_MODES:
+        raise ResultsError(f"{where}: encode_mode must be one of {ALL_ENCODE_MODES}, got {row['encode_mode']!r}")
     if not isinstance(row["metrics"], dict):
         raise ResultsError(f"{where}: metrics must be an object")
 

@@ -91,6 +91,10 @@ class HarvestConfig:
     """Storage dtype of x and g: float32, or float16 to halve the disk."""
     exclude_pos0: bool = True
     """Drop position 0 of every context (attention-sink / BOS-like outliers)."""
+    label_free_splits: tuple[str, ...] = ()
+    """Splits that also store g_free, the gradient of the CE against the model's own argmax
+    (``gsae.lm.label_free_ce``): a gradient the model can compute without the next token (PREREG v2). Costs a
+    second backward per batch; the train split needs it only to train an arm on it."""
 
     def __post_init__(self) -> None:
         _require(set(self.tokens) <= {"train", "val", "test"} and "train" in self.tokens,
@@ -99,6 +103,8 @@ class HarvestConfig:
         _require(self.batch_contexts > 0, "harvest.batch_contexts must be > 0")
         _require(self.shard_tokens > 0, "harvest.shard_tokens must be > 0")
         _require(self.dtype in ("float32", "float16"), f"harvest.dtype must be float32 or float16, got {self.dtype!r}")
+        _require(set(self.label_free_splits) <= {"train", "val", "test"},
+                 f"harvest.label_free_splits must name splits (train, val, test), got {self.label_free_splits}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,11 @@ class TrainConfig:
     """Seed of the SAE init and of the batch order (shared by both arms)."""
     checkpoint_every: int = 50
     """Steps between checkpoints (resume points)."""
+    threads: int = 0
+    """CPU threads while training this SAE (0: torch's default). Changes float summation order, not the math."""
+    max_norm_factor: float = 0.0
+    """> 0: training batches leave out rows whose norm exceeds this multiple of the train split's median norm
+    (massive activations, PREREG v2); 0 keeps every row."""
 
     def __post_init__(self) -> None:
         _require(self.tokens > 0 and self.batch_size > 0, "train.tokens and train.batch_size must be > 0")
@@ -165,6 +176,7 @@ class TrainConfig:
         _require(self.aux_coef >= 0, "train.aux_coef must be >= 0")
         _require(self.dead_tokens > 0, "train.dead_tokens must be > 0")
         _require(self.checkpoint_every > 0, "train.checkpoint_every must be > 0")
+        _require(self.threads >= 0 and self.max_norm_factor >= 0, "train.threads and max_norm_factor must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -183,6 +195,10 @@ class ExperimentConfig:
     """Seed used for beta selection trials."""
     arms: tuple[str, ...] = ("topk", "gsae")
     """Registered arms (``gsae.arms``) trained on the same grid; the first is the baseline of every comparison."""
+    primary_k: tuple[int, ...] = ()
+    """The k values whose verdict is pre-registered (trained with ``seeds``); empty: every k is primary."""
+    curve_seeds: tuple[int, ...] = ()
+    """Seeds of the k values outside ``primary_k`` (the fidelity curve); empty: ``seeds``."""
 
     def __post_init__(self) -> None:
         from . import arms  # registry lives above config; imported here, at validation time
@@ -192,6 +208,7 @@ class ExperimentConfig:
                  f"experiment.arms must name two or more distinct registered arms, got {self.arms}; "
                  f"registered: {sorted(arms.names())}")
         _require(self.expansion >= 1, "experiment.expansion must be >= 1")
+        _require(set(self.primary_k) <= set(self.k_grid), f"experiment.primary_k {self.primary_k} must be in k_grid")
         _require(len(self.k_grid) >= 1 and all(k > 0 for k in self.k_grid), "experiment.k_grid must be positive")
         _require(len(set(self.seeds)) == len(self.seeds) and len(self.seeds) >= 1, "experiment.seeds must be unique")
         _require(all(b > 0 for b in self.beta_grid), "experiment.beta_grid values must be > 0")
@@ -200,23 +217,44 @@ class ExperimentConfig:
 @dataclass(frozen=True)
 class SelectionConfig:
     lr_multipliers: tuple[float, ...] = (1.0,)
-    """Learning-rate trials as multiples of ``train.lr`` (v1: TopK only, at (beta_select_k, beta_select_seed))."""
+    """Learning-rate trials as multiples of ``train.lr``."""
+    protocol: str = "v1"
+    """"v1" (PREREG v1 §3): the baseline arm's lr trials, then each other arm's own hyperparameter grid at that lr,
+    at (beta_select_k, beta_select_seed). "per_arm" (PREREG v2): every arm gets the same lr trials, with its own
+    hyperparameters at the first value of their grid, at each of ``seeds``, scored by its plain-encode validation
+    delta_ce (mean over the seeds); a best lr on the grid's edge gets trials beyond it (``max_extensions``)."""
+    seeds: tuple[int, ...] = ()
+    """per_arm: the selection seeds (never primary seeds, so no primary SAE is chosen on its own noise)."""
+    max_extensions: int = 2
+    """per_arm: how many times a best lr on the grid's edge is followed by a trial one grid step beyond it."""
+    length_multipliers: tuple[float, ...] = ()
+    """Convergence check: the chosen lr is also trained for these multiples of ``train.tokens`` (first selection
+    seed, both arms) and the validation delta_ce is reported against the length (empty: no check)."""
 
     def __post_init__(self) -> None:
         _require(len(self.lr_multipliers) >= 1 and all(m > 0 for m in self.lr_multipliers),
                  f"selection.lr_multipliers must be positive numbers, got {self.lr_multipliers}")
+        _require(self.protocol in ("v1", "per_arm"), f"selection.protocol must be 'v1' or 'per_arm', got "
+                                                     f"{self.protocol!r}")
+        _require(self.protocol == "v1" or len(self.seeds) >= 1, "selection.protocol per_arm needs selection.seeds")
+        _require(self.max_extensions >= 0, "selection.max_extensions must be >= 0")
+        _require(all(m > 0 for m in self.length_multipliers), "selection.length_multipliers must be > 0")
 
 
 @dataclass(frozen=True)
 class VariantsConfig:
     k_grid: tuple[int, ...] = ()
-    """k values at which the sensitivity variants (value_mode_score, grad_norm_token, auxk_off) are trained."""
+    """k values at which the sensitivity variants (each arm's own, e.g. value_mode_score, and auxk_off) are trained."""
     seeds: tuple[int, ...] = ()
     """Seeds of the sensitivity variants."""
+    threads: int = 0
+    """> 0: retrain every arm's primary-k SAEs (primary seeds) with this many CPU threads, as group "threads_<n>":
+    another reduction order, as another CPU would have, to show the verdicts do not hinge on it."""
 
     def __post_init__(self) -> None:
         _require(all(k > 0 for k in self.k_grid), f"variants.k_grid must be positive, got {self.k_grid}")
         _require(len(set(self.seeds)) == len(self.seeds), f"variants.seeds must be unique, got {self.seeds}")
+        _require(self.threads >= 0, f"variants.threads must be >= 0, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -225,8 +263,13 @@ class EvalConfig:
     """Contexts per LM forward in the splice evaluation."""
     lm_contexts: int = 10**9
     """LM-based metrics (spliced CE, KL) use the split's first this-many harvested contexts (all if fewer)."""
+    massive: str = "reconstruct"
+    """Massive-activation tokens (norm > 10 x the train median) in the splice: "reconstruct" (v1: spliced like
+    any token) or "clean" (PREREG v2: kept clean, so a few outliers do not decide ΔCE and KL)."""
 
     def __post_init__(self) -> None:
+        _require(self.massive in ("reconstruct", "clean"), f"eval.massive must be 'reconstruct' or 'clean', got "
+                                                           f"{self.massive!r}")
         _require(self.batch_contexts > 0, f"eval.batch_contexts must be > 0, got {self.batch_contexts}")
         _require(self.lm_contexts > 0, f"eval.lm_contexts must be > 0, got {self.lm_contexts}")
 
@@ -297,6 +340,8 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
     unknown = set(raw) - set(SECTIONS)
     _require(not unknown, f"unknown section(s) {sorted(unknown)} in profile {name!r}; allowed: {sorted(SECTIONS)}")
     parts = {sec: _build(cls, sec, raw.get(sec) or {}) for sec, cls in SECTIONS.items()}
+    shared = set(parts["selection"].seeds) & (set(parts["experiment"].seeds) | set(parts["experiment"].curve_seeds))
+    _require(not shared, f"selection.seeds {sorted(shared)} are also experiment seeds; selection must use its own")
     return Profile(name=name, **parts)
 
 

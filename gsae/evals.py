@@ -42,6 +42,9 @@ from .lm import clean_pass, kl_per_token, patched_logits, per_token_ce, spliced_
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 ENCODE_MODES = ("g", "plain")
+"""The default encoders: with the true-label gradient, and without any gradient."""
+ALL_ENCODE_MODES = ENCODE_MODES + ("g_free",)
+"""Also "g_free": with the label-free gradient (``gsae.lm.label_free_ce``)."""
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -250,18 +253,21 @@ class _Accumulator:
 
 def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name: str, *,
                   baselines: AblationBaselines, encode_modes: Sequence[str] = ENCODE_MODES,
-                  batch_contexts: int = 8, per_token: bool = False,
+                  batch_contexts: int = 8, per_token: bool = False, clean_above: float | None = None,
                   progress: bool = True) -> dict[str, dict[str, FidelityResult]]:
     """Evaluate several SAEs x encoders on the same contexts, sharing each batch's clean forward.
+
+    ``clean_above``: positions whose clean activation norm exceeds it keep the clean activation in the splice
+    (massive activations, PREREG v2); their reconstruction still counts in the FVU / L0 statistics.
 
     ``baselines`` must come from ``ablation_baselines`` on the same tokens, hook and ``exclude_pos0``
     (the splice rule follows ``baselines.exclude_pos0``). Returns ``{sae_name: {encode_mode: FidelityResult}}``.
     """
     exclude_pos0 = baselines.exclude_pos0
     first = _check_inputs(model, tokens, hook_name, exclude_pos0, batch_contexts)
-    bad_modes = set(encode_modes) - set(ENCODE_MODES)
+    bad_modes = set(encode_modes) - set(ALL_ENCODE_MODES)
     if bad_modes or not encode_modes:
-        raise ValueError(f"encode_modes must be a non-empty subset of {ENCODE_MODES}, got {tuple(encode_modes)}")
+        raise ValueError(f"encode_modes must be a non-empty subset of {ALL_ENCODE_MODES}, got {tuple(encode_modes)}")
     if baselines.hook_name != hook_name or baselines.tokens_hash != data_hash(tokens):
         raise ValueError("baselines were computed on other tokens or another hook; rerun ablation_baselines(model, "
                          "tokens, hook_name, ...) on exactly these tokens")
@@ -270,25 +276,30 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
 
     # A gradient only changes the code of an SAE that uses it; for the others "g" is "plain".
     def effective(sae: Any, mode: str) -> str:
-        return "g" if mode == "g" and getattr(sae, "uses_gradient", True) else "plain"
+        return mode if mode != "plain" and getattr(sae, "uses_gradient", True) else "plain"
 
     runs = sorted({(name, effective(sae, m)) for name, sae in saes.items() for m in encode_modes})
-    need_grad = any(mode == "g" for _, mode in runs)
+    need_grad = any(mode != "plain" for _, mode in runs)
+    label_free = any(mode == "g_free" for _, mode in runs)
     acc = {r: _Accumulator(int(saes[r[0]].cfg.d_sae), per_token) for r in runs}
     ce_clean_sum, n = 0.0, 0
     clean_rows: list[Tensor] = []
 
     device = _model_device(model)
     for tok in _batches(tokens, batch_contexts, device, f"splice eval ({len(runs)} runs)", progress):
-        clean = clean_pass(model, tok, hook_name, first, need_grad)
+        clean = clean_pass(model, tok, hook_name, first, need_grad, label_free)
         ce_clean_sum += clean.ce.double().sum().item()
         n += clean.ce.numel()
         if per_token:
             clean_rows.append(clean.ce.float().cpu())
         T = tok.shape[1]
         for name, mode in runs:
-            x_hat, top_acts, top_indices = _encode_decode(saes[name], clean.x, clean.g if mode == "g" else None)
-            logits = spliced_logits(model, tok, hook_name, first, clean.x, x_hat)
+            grad = {"g": clean.g, "g_free": clean.g_free}.get(mode)
+            x_hat, top_acts, top_indices = _encode_decode(saes[name], clean.x, grad)
+            spliced = x_hat
+            if clean_above is not None:
+                spliced = torch.where(clean.x.norm(dim=-1, keepdim=True) > clean_above, clean.x, x_hat)
+            logits = spliced_logits(model, tok, hook_name, first, clean.x, spliced)
             ce = per_token_ce(logits, tok, first)
             kl = kl_per_token(clean.logp, logits[:, first:T - 1])
             a = acc[name, mode]
@@ -326,8 +337,8 @@ def evaluate_sae(model: Any, sae: Any, tokens: Tensor, hook_name: str, *, encode
                  baselines: AblationBaselines, batch_contexts: int = 8, per_token: bool = False,
                  progress: bool = True) -> FidelityResult:
     """One SAE, one encoder (see ``evaluate_saes``; pass precomputed ``baselines``)."""
-    if encode_mode not in ENCODE_MODES:
-        raise ValueError(f"encode_mode must be one of {ENCODE_MODES}, got {encode_mode!r}")
+    if encode_mode not in ALL_ENCODE_MODES:
+        raise ValueError(f"encode_mode must be one of {ALL_ENCODE_MODES}, got {encode_mode!r}")
     return evaluate_saes(model, {"sae": sae}, tokens, hook_name, baselines=baselines, encode_modes=(encode_mode,),
                          batch_contexts=batch_contexts, per_token=per_token, progress=progress)["sae"][encode_mode]
 

@@ -25,6 +25,7 @@ import seaborn as sns  # noqa: E402
 
 from . import arms, io  # noqa: E402
 from .claims import mean_t_interval as mean_ci  # noqa: E402  (one definition of the interval)
+from .steering import CONTROL_LABEL  # noqa: E402
 
 PLAIN_ENCODE_COLOR = "#1f77b4"
 """Colour of an arm's plain-encode codes when the arm also has a g-encode (which gets the arm's own colour)."""
@@ -38,6 +39,7 @@ def palette() -> dict[str, str]:
         for mode in arm.encode_modes():
             plain_of_two = mode == "plain" and arm.has_gradient_encoder
             out[arm.label_for(mode)] = PLAIN_ENCODE_COLOR if plain_of_two else arm.color
+    out[CONTROL_LABEL] = "#999999"
     return out
 
 
@@ -174,3 +176,44 @@ def save_figure(fig: plt.Figure, path: str | Path, provenance: dict[str, Any]) -
     prov[path.name] = provenance
     io.write_json(prov_path, prov)
     return path
+
+
+def plot_selection(selection: dict[str, Any], edges: dict[str, Any] | None, baseline: str, arm: str) -> plt.Figure:
+    """The selection figure of either protocol: per_arm (v2) draws each arm's validation ΔCE (nats) against its
+    learning rate, chosen lr marked; v1 draws the g-SAE's β ablation (``plot_hyperparameter_ablation``)."""
+    if selection.get("protocol") != "per_arm":
+        return plot_hyperparameter_ablation(selection, baseline, arm, "beta", edges)
+    sns.set_theme(style="whitegrid", context="notebook")
+    colors = palette()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, trials in selection["lr_trials"].items():
+        a = arms.get(name)
+        lrs = sorted(float(lr) for lr in trials)
+        ax.plot(lrs, [trials[str(lr)] if str(lr) in trials else trials[lr] for lr in lrs], marker="o",
+                color=colors[a.label], label=f"{a.label} (chosen {float(selection['lr'][name]):.3g})")
+        ax.axvline(float(selection["lr"][name]), color=colors[a.label], lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation ΔCE, plain-encode (nats)")
+    ax.set_title(f"lr trials at k = {selection['k']}, mean over selection seeds {selection['seeds']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_convergence(conv: dict[str, Any]) -> plt.Figure:
+    """Validation ΔCE (nats) of each arm at its chosen lr against training tokens; the primary length is marked."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    colors = palette()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, curve in conv["curves"].items():
+        a = arms.get(name)
+        toks = sorted(int(t) for t in curve)
+        ax.plot(toks, [curve[str(t)]["delta_ce"] for t in toks], marker="o", color=colors[a.label], label=a.label)
+    ax.axvline(conv["primary_tokens"], color="0.6", lw=1, ls="--", label="primary length")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens per SAE")
+    ax.set_ylabel("validation ΔCE, plain-encode (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

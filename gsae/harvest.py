@@ -140,17 +140,19 @@ def _valid_sidecar(out_dir: Path, i: int, plan_hash: str) -> dict[str, Any] | No
 
 
 def _harvest_shard(model: HookedTransformer, contexts: Tensor, plan: ShardPlan, i: int, cfg: HarvestConfig,
-                   hook_name: str, bar: Any) -> tuple[dict[str, Tensor], dict[str, float]]:
+                   hook_name: str, bar: Any, label_free: bool = False) -> tuple[dict[str, Tensor], dict[str, float]]:
     start, stop = plan.contexts(i)
     n_rows, first, last = plan.n_rows(i), plan.first_pos, plan.ctx_len - 1  # keep positions first..last-1
     dtype = DTYPES[cfg.dtype]
-    xs, gs = [], []
+    xs, gs, fs = [], [], []
     loss_sum, n_pred, done = 0.0, 0, 0
     for b0 in range(start, stop, cfg.batch_contexts):
-        cap = capture(model, contexts[b0:min(b0 + cfg.batch_contexts, stop)], hook_name)
+        cap = capture(model, contexts[b0:min(b0 + cfg.batch_contexts, stop)], hook_name, label_free)
         d = cap.x.shape[-1]
         xs.append(cap.x[:, first:last].reshape(-1, d).to("cpu", dtype))
         gs.append(cap.g[:, first:last].reshape(-1, d).to("cpu", dtype))
+        if cap.g_free is not None:
+            fs.append(cap.g_free[:, first:last].reshape(-1, d).to("cpu", dtype))
         loss_sum += float(cap.loss_sum)
         n_pred += cap.n_pred
         step = min(xs[-1].shape[0], n_rows - done)
@@ -161,14 +163,16 @@ def _harvest_shard(model: HookedTransformer, contexts: Tensor, plan: ShardPlan, 
     pos = torch.arange(first, last).repeat(stop - start)[:n_rows]
     tensors = {"x": x, "g": g, "tokens": contexts[ctx_index, pos],
                "ctx_index": ctx_index, "pos": pos}
+    if fs:
+        tensors["g_free"] = torch.cat(fs)[:n_rows]
     # Statistics from the STORED values (after the dtype cast), so a resumed run reports the same numbers.
     stats = {"sum_sq_g": float(g.double().pow(2).sum()), "sum_sq_x": float(x.double().pow(2).sum()),
              "loss_sum": loss_sum, "n_pred": n_pred}
     return tensors, stats
 
 
-def _check_disk(out_dir: Path, plan: ShardPlan, d: int, cfg: HarvestConfig) -> None:
-    row_bytes = 2 * d * DTYPES[cfg.dtype].itemsize + len(ROW_INDEX_KEYS) * 8
+def _check_disk(out_dir: Path, plan: ShardPlan, d: int, cfg: HarvestConfig, label_free: bool = False) -> None:
+    row_bytes = (2 + label_free) * d * DTYPES[cfg.dtype].itemsize + len(ROW_INDEX_KEYS) * 8
     predicted = plan.n_tokens * row_bytes + 4096 * plan.n_shards
     already = sum((out_dir / shard_name(i)).stat().st_size for i in range(plan.n_shards)
                   if (out_dir / shard_name(i)).exists())
@@ -182,18 +186,19 @@ def _check_disk(out_dir: Path, plan: ShardPlan, d: int, cfg: HarvestConfig) -> N
 
 def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, out_dir: str | Path, *,
             n_tokens: int, cfg: HarvestConfig | None = None, meta: dict[str, Any] | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, label_free: bool = False) -> dict[str, Any]:
     """Harvest ``n_tokens`` (x, g) rows at ``hook_name`` from ``contexts_tokens`` [n_ctx, T] into ``out_dir``.
 
     Contexts are used in order; each keeps positions 1..T-2 (0..T-2 without ``cfg.exclude_pos0``). Returns
-    the manifest. Resumable: a complete, verifying harvest is returned as is; otherwise shards whose sidecar
+    the manifest. With ``label_free`` every shard also stores ``g_free`` (``gsae.lm.label_free_ce``).
+    Resumable: a complete, verifying harvest is returned as is; otherwise shards whose sidecar
     matches are kept and the others recomputed. ``meta`` (e.g. model and data hashes) goes into the manifest
     and the plan hash, so a directory built from other inputs is never silently reused.
     """
     cfg = cfg or HarvestConfig()
     check_tokens(contexts_tokens, 3 if cfg.exclude_pos0 else 2)
     check_hook(model, hook_name)
-    meta = dict(meta or {})
+    meta = dict(meta or {}, **({"label_free_gradient": True} if label_free else {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(int(n_tokens), contexts_tokens.shape[1], contexts_tokens.shape[0], cfg)
@@ -217,7 +222,7 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
     for stale in out_dir.glob(".*.tmp"):  # temp files of writes killed mid-way (gsae.io.atomic_path)
         stale.unlink()
     d = model.cfg.d_model
-    _check_disk(out_dir, plan, d, cfg)
+    _check_disk(out_dir, plan, d, cfg, label_free)
 
     records, reused = [], 0
     bar = tqdm(total=plan.n_tokens, unit="tok", unit_scale=True, desc=f"harvest {hook_name}", disable=not progress)
@@ -228,7 +233,7 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
                 reused += 1
                 bar.update(rec["n_rows"])
             else:
-                tensors, stats = _harvest_shard(model, contexts, plan, i, cfg, hook_name, bar)
+                tensors, stats = _harvest_shard(model, contexts, plan, i, cfg, hook_name, bar, label_free)
                 start, stop = plan.contexts(i)
                 # One metadata key only: safetensors stores metadata in a hash map whose order is not
                 # fixed, and several keys could make the bytes (and sha256) differ between runs.
@@ -247,7 +252,8 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
     manifest_meta = {
         "stage": "harvest", "hook_name": hook_name, "d_model": d, "dtype": cfg.dtype, "n_tokens": n,
         "ctx_len": plan.ctx_len, "first_pos": plan.first_pos, "n_contexts": plan.n_contexts,
-        "config": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan), "plan_hash": plan_hash,
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),  # as read back (tuples become lists)
+        "plan": dataclasses.asdict(plan), "plan_hash": plan_hash,
         "contexts_sha256": contexts_sha, "meta": meta, "gradient_definition": GRADIENT_DEFINITION,
         "shards": [{k: r[k] for k in ("file", "n_rows", "ctx_start", "ctx_stop")} for r in records],
         "grad_stats": {"mean_sq_norm_g": mean_sq_g, "mean_sq_norm_x": mean_sq_x,
@@ -270,6 +276,8 @@ class HarvestRows(NamedTuple):
     """[n, d] float32 gradients."""
     meta: dict[str, Tensor]
     """int64 [n] tensors ``tokens``, ``ctx_index``, ``pos`` mapping each row to its context and position."""
+    g_free: Tensor | None = None
+    """[n, d] float32 label-free gradients, when the harvest stored them."""
 
 
 class ActivationReader:
@@ -301,7 +309,7 @@ class ActivationReader:
         sha = self.manifest["files"][name] if self.verify else None
         return load_tensors(self.dir / name, sha256=sha, rebuild_hint=rebuild_hint(self.dir))
 
-    def _windows(self, seed: int, window: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _windows(self, seed: int, window: int, gradient: str = "g") -> Iterator[tuple[Tensor, Tensor]]:
         """Endless stream of shuffled windows: per epoch a new shard order, rows shuffled within W shards."""
         gen = torch.Generator().manual_seed(seed)
         while True:
@@ -309,15 +317,19 @@ class ActivationReader:
             for w in range(0, len(order), window):
                 parts = [self._load(i) for i in order[w:w + window]]
                 x = torch.cat([p["x"] for p in parts])
-                g = torch.cat([p["g"] for p in parts])
+                if gradient not in parts[0]:
+                    raise KeyError(f"this harvest stored no {gradient!r}; add the split to "
+                                   f"harvest.label_free_splits and re-harvest")
+                g = torch.cat([p[gradient] for p in parts])
                 perm = torch.randperm(x.shape[0], generator=gen)
                 yield x[perm], g[perm]
 
     def batches(self, batch_size: int, seed: int, *, epochs: int | None = None, n_tokens: int | None = None,
-                window: int = 2) -> Iterator[tuple[Tensor, Tensor]]:
+                window: int = 2, gradient: str = "g") -> Iterator[tuple[Tensor, Tensor]]:
         """Yield float32 (x, g) batches of ``batch_size`` rows: ``epochs`` passes over the data or exactly
         ``n_tokens`` rows (cycling epochs); the last batch holds the remainder. Batches run across window and
-        epoch boundaries. The same seed gives the identical stream."""
+        epoch boundaries. The same seed gives the identical stream. ``gradient="g_free"`` yields the label-free
+        gradient instead of g."""
         if (epochs is None) == (n_tokens is None):
             raise ValueError("give exactly one of epochs= or n_tokens=")
         if batch_size <= 0 or window <= 0:
@@ -326,7 +338,7 @@ class ActivationReader:
         if remaining <= 0:
             raise ValueError(f"nothing to read: epochs={epochs}, n_tokens={n_tokens}")
         rest_x = rest_g = None
-        for x, g in self._windows(seed, window):
+        for x, g in self._windows(seed, window, gradient):
             if rest_x is not None:
                 x, g = torch.cat([rest_x, x]), torch.cat([rest_g, g])
             start = 0
@@ -350,7 +362,8 @@ class ActivationReader:
             parts.append({k: v[:take] for k, v in t.items()})
             have += take
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return HarvestRows(x=cat["x"].float(), g=cat["g"].float(), meta={k: cat[k] for k in ROW_INDEX_KEYS})
+        return HarvestRows(x=cat["x"].float(), g=cat["g"].float(), meta={k: cat[k] for k in ROW_INDEX_KEYS},
+                           g_free=cat["g_free"].float() if "g_free" in cat else None)
 
 
 # --------------------------------------------------------------------------------------------------

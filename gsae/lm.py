@@ -57,6 +57,19 @@ class Capture(NamedTuple):
     """Scalar: sum of next-token cross-entropies over the B*(T-1) predicted tokens."""
     n_pred: int
     """Number of predicted tokens, B*(T-1)."""
+    g_free: Tensor | None = None
+    """[B, T, d] the label-free gradient (``label_free_ce``), when asked for; else None."""
+
+
+def label_free_ce(logits: Tensor) -> Tensor:
+    """[B, T-1] cross-entropy of each prediction against the model's own argmax (a pseudo-label), the loss of the
+    label-free gradient g_free = d(sum of these)/dx (PREREG v2 §4). It needs no next token: the expected CE under
+    the model's own distribution has zero expected gradient, E_{y~p}[grad -log p_y] = 0, and the entropy's gradient
+    measures confidence rather than prediction; the argmax CE's gradient equals the true label's wherever the model
+    is right. The argmax is taken on detached logits (the pseudo-label is a constant, like a label)."""
+    pred = logits[:, :-1]
+    target = pred.detach().argmax(-1, keepdim=True)
+    return -F.log_softmax(at_least_f32(pred), dim=-1).gather(-1, target).squeeze(-1)
 
 
 @contextlib.contextmanager
@@ -89,8 +102,9 @@ def check_hook(model: HookedTransformer, hook_name: str) -> None:
                          f"(see model.hook_dict)")
 
 
-def capture(model: HookedTransformer, tokens: Tensor, hook_name: str) -> Capture:
-    """Activation x and summed-loss gradient g at ``hook_name`` for every position of ``tokens`` [B, T].
+def capture(model: HookedTransformer, tokens: Tensor, hook_name: str, label_free: bool = False) -> Capture:
+    """Activation x and summed-loss gradient g at ``hook_name`` for every position of ``tokens`` [B, T]; with
+    ``label_free`` also g_free, the gradient of ``label_free_ce`` summed the same way (a second backward).
 
     g = d(sum_{b, t<T-1} CE(logits[b, t], tokens[b, t+1])) / dx  -- the SUM of per-token losses (module
     docstring), so a sequence gets the same g alone or inside a batch, and g does not shrink as 1/(B(T-1)).
@@ -109,12 +123,16 @@ def capture(model: HookedTransformer, tokens: Tensor, hook_name: str) -> Capture
     with frozen_params(model), torch.enable_grad(), model.hooks(fwd_hooks=[(hook_name, store_leaf)]):
         # padding_side="right": fixed-length windows have no padding, so TL must not build an attention
         # mask from pad-token ids (which would mask real EOS tokens if the tokenizer pads on the left).
-        per_token = model(tokens, return_type="loss", loss_per_token=True, padding_side="right")
+        if label_free:  # "both" computes the loss exactly as "loss" does, and also returns the logits
+            logits, per_token = model(tokens, return_type="both", loss_per_token=True, padding_side="right")
+        else:
+            per_token = model(tokens, return_type="loss", loss_per_token=True, padding_side="right")
         if len(leaves) != 1:
             raise RuntimeError(f"hook {hook_name!r} fired {len(leaves)} times in one forward; expected once")
         loss_sum = per_token.sum()
-        (g,) = torch.autograd.grad(loss_sum, leaves[0])
-    return Capture(x=leaves[0].detach(), g=g, loss_sum=loss_sum.detach(), n_pred=per_token.numel())
+        (g,) = torch.autograd.grad(loss_sum, leaves[0], retain_graph=label_free)
+        g_free = torch.autograd.grad(label_free_ce(logits).sum(), leaves[0])[0] if label_free else None
+    return Capture(x=leaves[0].detach(), g=g, loss_sum=loss_sum.detach(), n_pred=per_token.numel(), g_free=g_free)
 
 
 # ------------------------------------------------------------------------------- clean pass and splices (evaluation)
@@ -127,9 +145,12 @@ class CleanPass(NamedTuple):
     """[B, T, d] clean activation at the hook."""
     g: Tensor | None
     """[B, T, d] d(sum of the CE of predictions 0..T-2)/dx (the harvest's g), or None when not asked for."""
+    g_free: Tensor | None = None
+    """[B, T, d] the label-free gradient (``label_free_ce``), or None when not asked for."""
 
 
-def clean_pass(model: Any, tokens: Tensor, hook_name: str, first: int, need_grad: bool) -> CleanPass:
+def clean_pass(model: Any, tokens: Tensor, hook_name: str, first: int, need_grad: bool,
+               label_free: bool = False) -> CleanPass:
     """One clean forward giving logits, the hook activation and (if ``need_grad``) its gradient.
 
     g is the harvest's gradient (``capture``): d(sum of the CE of ALL predictions 0..T-2)/dx.
@@ -151,10 +172,12 @@ def clean_pass(model: Any, tokens: Tensor, hook_name: str, first: int, need_grad
         logits = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, grab)],
                                       padding_side="right")
         ce_all = per_token_ce(logits, tokens, 0)
-        g = torch.autograd.grad(ce_all.sum(), store["x"])[0] if need_grad else None
+        g = torch.autograd.grad(ce_all.sum(), store["x"], retain_graph=label_free)[0] if need_grad else None
+        g_free = (torch.autograd.grad(label_free_ce(logits).sum(), store["x"])[0]
+                  if need_grad and label_free else None)
     T = tokens.shape[1]
     logp = F.log_softmax(at_least_f32(logits.detach()[:, first:T - 1]), dim=-1)
-    return CleanPass(logp, ce_all.detach()[:, first:], store["x"].detach(), g)
+    return CleanPass(logp, ce_all.detach()[:, first:], store["x"].detach(), g, g_free)
 
 
 @torch.no_grad()

@@ -16,10 +16,9 @@ from typing import Any, NamedTuple
 
 from . import io
 from .config import Profile
+from .evals import ALL_ENCODE_MODES
 from .paths import SPLITS, results_dir
 from .specs import SAESpec, sae_dir
-
-ENCODE_MODES = ("g", "plain")
 
 
 class MetricRecord(NamedTuple):
@@ -65,7 +64,7 @@ def records(p: Profile, lm, specs: list[SAESpec], split: str = "test") -> list[M
         d = sae_dir(p, s, mh)
         files = [f for f in _stage_files(d, split) if f.name == "train.json" or f.name in current]
         sections = [io.read_json(f).get("metrics", {}) for f in files]
-        for mode in ENCODE_MODES:
+        for mode in [m for m in ALL_ENCODE_MODES if m in ("g", "plain") or any(m in sec for sec in sections)]:
             m: dict[str, float] = {}
             for sec in sections:
                 m.update(_numbers(sec.get("all", {})))

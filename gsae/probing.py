@@ -181,6 +181,18 @@ def best_latent_auc(acts: Acts, labels: Tensor, classes: Sequence[int]) -> Probe
                        mean_auc=float(best_auc.mean()), all_auc=all_auc)
 
 
+def held_out_auc(choose: ProbeResult, score: ProbeResult) -> float:
+    """Mean over classes of the AUC, on ``score``'s tokens, of the latent that is best on ``choose``'s tokens (e.g.
+    chosen on the validation split, scored on the test split), so the pick is not scored on the tokens it was
+    picked on. Classes absent from ``choose`` are left out."""
+    where = {c: i for i, c in enumerate(choose.classes)}
+    aucs = [float(score.all_auc[j, int(choose.best_latent[where[c]])])
+            for j, c in enumerate(score.classes) if c in where]
+    if not aucs:
+        raise ValueError("no class is probed on both splits; lower probing.min_tag_count")
+    return sum(aucs) / len(aucs)
+
+
 def frequent_classes(labels: Tensor, min_count: int, max_n: int) -> list[int]:
     """Class ids (labels >= 0) with at least ``min_count`` tokens, most frequent first (ties: lower id first),
     at most ``max_n`` of them."""

@@ -73,23 +73,32 @@ def selection_specs(p: Profile, d_in: int, grad_scale: float, lr: float | None =
 
 
 def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str, dict[str, float]],
-                     lr: float) -> list[SAESpec]:
+                     lr: float | dict[str, float]) -> list[SAESpec]:
     """The primary grid (every arm, k and seed; arms interleaved per (k, seed)) and the sensitivity variants:
-    each arm's own variants, and ``auxk_off`` (AuxK switched off) for every arm. ``chosen`` maps an arm to its
-    selected hyperparameters."""
+    each arm's own variants and ``auxk_off`` (AuxK off) for every arm at ``variants.k_grid``, and with
+    ``variants.threads`` the primary-k SAEs (``variants.seeds``, else the primary seeds) retrained with that many
+    threads. ``chosen`` maps an arm to its selected
+    hyperparameters; ``lr`` is one learning rate for every arm or one per arm."""
     def cfg(name: str, k: int, **over: Any) -> SAEConfig:
         return sae_config(p, name, d_in, k, grad_scale, **{**chosen.get(name, {}), **over})
 
-    specs = [SAESpec("primary", name, k, s, cfg(name, k), replace(p.train, seed=s, lr=lr))
-             for k in p.experiment.k_grid for s in p.experiment.seeds for name in p.experiment.arms]
+    def train(name: str, seed: int, **over: Any) -> TrainConfig:
+        return replace(p.train, seed=seed, lr=lr[name] if isinstance(lr, dict) else lr, **over)
+
+    e = p.experiment
+    primary_k = e.primary_k or e.k_grid
+    specs = [SAESpec("primary", name, k, s, cfg(name, k), train(name, s))
+             for k in e.k_grid for s in (e.seeds if k in primary_k else e.curve_seeds or e.seeds) for name in e.arms]
     for k in p.variants.k_grid:
         for s in p.variants.seeds:
-            t = replace(p.train, seed=s, lr=lr)
-            for name in p.experiment.arms:
+            for name in e.arms:
                 for variant, over in arms.get(name).sensitivity_variants.items():
-                    specs.append(SAESpec(variant, name, k, s, cfg(name, k, **over), t))
-            specs += [SAESpec("auxk_off", name, k, s, cfg(name, k), replace(t, aux_coef=0.0))
-                      for name in p.experiment.arms]
+                    specs.append(SAESpec(variant, name, k, s, cfg(name, k, **over), train(name, s)))
+            specs += [SAESpec("auxk_off", name, k, s, cfg(name, k), train(name, s, aux_coef=0.0)) for name in e.arms]
+    if p.variants.threads:
+        n = p.variants.threads
+        specs += [SAESpec(f"threads_{n}", name, k, s, cfg(name, k), train(name, s, threads=n))
+                  for k in primary_k for s in (p.variants.seeds or e.seeds) for name in e.arms]
     return specs
 
 

@@ -35,6 +35,9 @@ from transformer_lens import HookedTransformer
 from .lm import clean_residual, logits_with_offset, restart_layer
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
+CONTROL_LABEL = "random directions (control)"
+"""How C3's random-direction control is labelled in tables and figures."""
+
 
 class SteeringResult(NamedTuple):
     kl: Tensor

@@ -14,6 +14,7 @@ reproduces the uninterrupted run exactly. A non-finite loss or gradient stops tr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -185,6 +186,20 @@ def train_sae(
             save_checkpoint(ckpt_dir, sae, opt, tsf, step + 1, history)
     bar.close()
     return TrainResult(sae, history, tsf, n_steps * cfg.batch_size, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (0: leave torch's setting alone), restoring the old value."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def dead_fraction(tokens_since_fired: torch.Tensor, dead_tokens: int) -> float:

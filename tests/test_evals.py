@@ -347,3 +347,17 @@ def test_fvu_typical_leaves_out_massive_rows_by_hand():
     assert out["fvu"] == pytest.approx(fvu(xn, xh), rel=1e-9)
     assert out["fvu_typical"] == pytest.approx(fvu(xn[keep], xh[keep]), rel=1e-9)
     assert "fvu_typical" not in activation_metrics(sae, x, torch.zeros_like(x), "plain")
+
+
+def test_clean_above_keeps_massive_positions_clean_in_the_splice(lm, baselines):
+    """With every position above the cap the splice is the clean forward (delta_ce 0, KL 0); with none above it,
+    the result equals the plain evaluation."""
+    sae = GSAE(SAEConfig(d_in=D, d_sae=128, k=6), seed=0)
+    all_clean = E.evaluate_saes(lm.model, {"s": sae}, lm.tokens, HOOK, baselines=baselines, encode_modes=("plain",),
+                                clean_above=-1.0, progress=False)["s"]["plain"]
+    assert abs(all_clean.delta_ce) < 1e-6 and all_clean.kl < 1e-6
+    none = E.evaluate_saes(lm.model, {"s": sae}, lm.tokens, HOOK, baselines=baselines, encode_modes=("plain",),
+                           clean_above=1e9, progress=False)["s"]["plain"]
+    plain = E.evaluate_saes(lm.model, {"s": sae}, lm.tokens, HOOK, baselines=baselines, encode_modes=("plain",),
+                            progress=False)["s"]["plain"]
+    assert none.delta_ce == plain.delta_ce and none.fvu == plain.fvu

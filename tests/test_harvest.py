@@ -354,3 +354,47 @@ def test_measure_throughput_reports_rates(model):
     print({k: round(v, 3) for k, v in res.items()})
     assert res["harvest_tok_per_s"] > 0 and res["fwd_bwd_tok_per_s"] > 0 and res["forward_tok_per_s"] > 0
     assert res["ratio_vs_fwd_bwd"] == pytest.approx(res["harvest_tok_per_s"] / res["fwd_bwd_tok_per_s"])
+
+
+def test_label_free_gradient_matches_finite_differences_and_equals_g_where_the_model_is_right(model64):
+    """g_free = d(sum of CE against the model's own argmax)/dx: central finite differences with the pseudo-labels
+    held fixed (the argmax of the clean logits), and on tokens the model itself predicts greedily (every label is
+    the argmax) it equals the true-label g; the true-label g is unchanged by asking for g_free."""
+    tokens = random_tokens(2, 12)
+    cap = H.capture(model64, tokens, HOOK, label_free=True)
+    assert torch.equal(cap.g, H.capture(model64, tokens, HOOK).g)
+    with torch.no_grad():
+        pseudo = model64(tokens, return_type="logits")[:, :-1].argmax(-1)
+
+    def pseudo_loss(delta):
+        with torch.no_grad(), model64.hooks(fwd_hooks=[(HOOK, lambda act, hook: act + delta)]):
+            logits = model64(tokens, return_type="logits")
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), pseudo.reshape(-1),
+                                     reduction="sum"))
+
+    h = 1e-5
+    for b, t, i in ((0, 0, 3), (0, 5, 17), (1, 9, 30)):
+        delta = torch.zeros_like(cap.x)
+        delta[b, t, i] = h
+        fd = (pseudo_loss(delta) - pseudo_loss(-delta)) / (2 * h)
+        assert abs(fd - float(cap.g_free[b, t, i])) <= 1e-5 * abs(fd) + 1e-12
+    # On greedily generated tokens every next token is the model's argmax, so the two losses coincide.
+    greedy = tokens[:, :1]
+    with torch.no_grad():
+        for _ in range(11):
+            greedy = torch.cat([greedy, model64(greedy, return_type="logits")[:, -1:].argmax(-1)], dim=1)
+    both = H.capture(model64, greedy, HOOK, label_free=True)
+    assert torch.allclose(both.g_free, both.g, rtol=1e-10, atol=1e-12)
+
+
+def test_label_free_harvest_stores_g_free_and_the_reader_serves_it(model, tmp_path):
+    H.harvest(model, CTX, HOOK, tmp_path, n_tokens=40, cfg=CFG, progress=False, label_free=True)
+    rows = H.ActivationReader(tmp_path).load_all()
+    cap = H.capture(model, CTX[:1], HOOK, label_free=True)
+    torch.testing.assert_close(rows.g_free[:8], cap.g_free[0, 1:-1].float())
+    torch.testing.assert_close(rows.g[:8], cap.g[0, 1:-1].float())
+    (x, g), = list(H.ActivationReader(tmp_path).batches(40, seed=0, epochs=1, gradient="g_free"))
+    order = [int(torch.nonzero((rows.x == r).all(1))[0]) for r in x]  # rows come shuffled
+    assert torch.equal(g, rows.g_free[order])
+    with pytest.raises(KeyError, match="label_free_splits"):
+        next(H.ActivationReader(tmp_path).batches(8, seed=0, epochs=1, gradient="g_nonexistent"))

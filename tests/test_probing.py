@@ -195,3 +195,16 @@ def test_latent_cards_bad_inputs():
         latent_cards([9], acts, row_ctx, row_pos, ctx_tokens, ToyTokenizer())
     with pytest.raises(ValueError, match="equal length"):
         latent_cards([0], acts, row_ctx[:3], row_pos, ctx_tokens, ToyTokenizer())
+
+
+def test_held_out_auc_scores_the_latent_chosen_on_the_other_split():
+    """Latent 0 fires on class 1 in the choosing split, latent 1 in the scoring split: the held-out AUC is latent
+    0's AUC on the scoring split (0.5: it never fires there), not the scoring split's own best (1.0)."""
+    from gsae.probing import held_out_auc
+
+    labels = torch.tensor([1, 1, 0, 0])
+    choose = best_latent_auc(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]), labels, [1])
+    score = best_latent_auc(torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]), labels, [1])
+    assert int(choose.best_latent[0]) == 0 and float(score.auc[0]) == 1.0
+    assert held_out_auc(choose, score) == 0.5
+    assert held_out_auc(score, score) == 1.0

@@ -63,7 +63,7 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
     assert sel["beta"] > 0 and sel["lr"] > 0
     prov = json.loads((RESULTS / "provenance.json").read_text())
     assert prov["git"]["commit"] and prov["data"]["split_hash"] and prov["packages"]["torch"].startswith("2.13")
-    for fig in ("beta_ablation.png", "fidelity_delta_ce_kl.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
+    for fig in ("selection.png", "fidelity_delta_ce_kl.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
         assert (RESULTS / "figures" / fig).stat().st_size > 1000, fig
     assert (RESULTS / "SENSITIVITY.md").exists()
     registry = (RESULTS / "runs.jsonl").read_text().splitlines()
@@ -71,13 +71,18 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
 
 
 @pytest.mark.slow
-def test_second_run_resumes_instead_of_recomputing(smoke_run):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+def test_a_stage_rerun_resumes_instead_of_recomputing(smoke_run):
+    """Every SAE is complete, so rerunning the train and claims stages (as the CLI does) trains nothing and
+    rewrites metrics.jsonl with the same bytes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "GSAE_PROGRESS": "0"}
     before = (RESULTS / "runs.jsonl").read_text().count('"train_start"')
-    out = subprocess.run(["./run_all.sh", "--profile", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    metrics_before = (RESULTS / "metrics.jsonl").read_bytes()
+    for stage in ("train", "claims"):
+        out = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "gsae.pipeline", stage, "--profile",
+                              "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
     assert (RESULTS / "runs.jsonl").read_text().count('"train_start"') == before  # nothing retrained
+    assert (RESULTS / "metrics.jsonl").read_bytes() == metrics_before
 
 
 @pytest.mark.slow

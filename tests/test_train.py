@@ -178,3 +178,14 @@ def test_sigkill_mid_training_then_rerun_equals_uninterrupted(tmp_path):
                            timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == ref.stdout.strip()
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    from gsae.train import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):  # 0 leaves torch's setting alone
+        assert torch.get_num_threads() == before

@@ -88,6 +88,17 @@ def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor, mode: str, chunk: 
     return out
 
 
+def dead_fraction_over(sae, rd, mode: str, batch: int = 8192) -> float:
+    """Fraction of latents that never fire on every row of a harvested split (``rd``), under encoder ``mode``:
+    C2's window in v2 (the whole training split, far larger than the test split)."""
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    with torch.no_grad():
+        for x, g in rd.batches(batch, seed=0, epochs=1):
+            enc = sae.encode(x, g if mode == "g" else None)
+            fired[enc.top_indices[enc.top_acts > 0]] = True
+    return float((~fired).double().mean())
+
+
 def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: bool = True
                    ) -> dict[str, dict[str, Any]]:
     """Metrics of each SAE in both encode modes on ``split``, cached per SAE (``eval_file``).
@@ -101,18 +112,24 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
     if todo:
         tokens, base, rd, cap = _eval_context(p, lm, split)
         saes = {s.name: load_trained(p, s, mh) for s in todo}
-        res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base,
-                                  batch_contexts=p.eval.batch_contexts, progress=progress)
         rows = rd.load_all()
+        modes = evals.ENCODE_MODES + (("g_free",) if rows.g_free is not None else ())
+        res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base, encode_modes=modes,
+                                  batch_contexts=p.eval.batch_contexts, progress=progress,
+                                  clean_above=cap if p.eval.massive == "clean" else None)
         for s in todo:
             d = sae_dir(p, s, mh)
             out, counts = {}, {}
             for mode, r in res[s.name].items():
-                act = activation_metrics(saes[s.name], rows.x, rows.g, mode, norm_cap=cap)
+                act = activation_metrics(saes[s.name], rows.x, rows.g_free if mode == "g_free" else rows.g,
+                                         "plain" if mode == "plain" else "g", norm_cap=cap)
                 counts[mode] = act.pop("counts")
                 lm_part = {f"{k}_lm_subset" if k in ("fvu", "mse", "l0", "dead_fraction") else k: v
                            for k, v in r.scalars().items()}
                 out[mode] = {**lm_part, **act, "n_lm_tokens": r.n_tokens}
+            if split == "test":  # C2's window: the whole training split, with the encoder the SAE trained with
+                mode = s.primary_encode
+                out[mode]["dead_fraction_trainsplit"] = dead_fraction_over(saes[s.name], reader(p, "train", mh), mode)
             io.save_tensors(d / eval_file(p, split, "firing"), counts)
             io.write_json(d / name, {"metrics": out})
     return {s.name: io.read_json(sae_dir(p, s, mh) / name) for s in specs}

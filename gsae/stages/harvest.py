@@ -33,5 +33,5 @@ def run(p: Profile, lm=None, progress: bool = True) -> dict[str, dict[str, Any]]
                 "split": split, "profile": p.name}
         out[split] = harvest_lib.harvest(lm.model, ctx[split].tokens, p.model.hook_name, harvest_dir(p, split, mh),
                                          n_tokens=p.harvest.tokens[split], cfg=p.harvest, meta=meta,
-                                         progress=progress)
+                                         progress=progress, label_free=split in p.harvest.label_free_splits)
     return out

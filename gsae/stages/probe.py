@@ -21,16 +21,27 @@ def probe_file(p: Profile) -> str:
     return stage_file(p, "probe", code=source_version(probing, sys.modules[__name__]))
 
 
-def probe_labels(p: Profile, lm) -> dict[str, Any]:
-    """Per harvested test row: POS tag and genre labels, and the frequent classes used for probing."""
+def probe_labels(p: Profile, lm, split: str = "test") -> dict[str, Any]:
+    """Per harvested row of ``split``: POS tag and genre labels, and the frequent classes used for probing (always
+    counted on the test split, so both splits probe the same classes)."""
     mh = lm.info["model_hash"]
-    ctx = contexts(p, lm.tokenizer, mh)["test"]
-    rows = reader(p, "test", mh).load_all()
+    ctx = contexts(p, lm.tokenizer, mh)[split]
+    rows = reader(p, split, mh).load_all()
     ci, pos = rows.meta["ctx_index"], rows.meta["pos"]
     pos_labels = ctx.pos_tags[ci, pos]
     genre_labels = ctx.genre_ids[ci]
-    tag_classes = probing.frequent_classes(pos_labels, p.probing.min_tag_count, p.probing.max_tags)
-    genre_classes = probing.frequent_classes(genre_labels, p.probing.min_tag_count, 100)
+    if split == "test":
+        tag_classes = probing.frequent_classes(pos_labels, p.probing.min_tag_count, p.probing.max_tags)
+        genre_classes = probing.frequent_classes(genre_labels, p.probing.min_tag_count, 100)
+    else:
+        test = probe_labels(p, lm, "test")
+
+        def scorable(classes: list[int], labels: torch.Tensor) -> list[int]:  # a positive and a negative token
+            lab = labels[labels >= 0]
+            return [c for c in classes if 0 < int((lab == c).sum()) < lab.numel()]
+
+        tag_classes = scorable(test["tag_classes"], pos_labels)
+        genre_classes = scorable(test["genre_classes"], genre_labels)
     return {"rows": rows, "pos": pos_labels, "genre": genre_labels, "tag_classes": tag_classes,
             "genre_classes": genre_classes, "tag_vocab": ctx.tag_vocab, "genres": ctx.genres}
 
@@ -41,19 +52,24 @@ def run_probing(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> 
     name = probe_file(p)
     todo = [s for s in specs if not (sae_dir(p, s, mh) / name).exists()]
     if todo:
-        lab = probe_labels(p, lm)
-        x, g = lab["rows"].x, lab["rows"].g
+        lab, val = probe_labels(p, lm), probe_labels(p, lm, "val")
         for s in todo:
             sae = load_trained(p, s, mh)
             out, metrics = {}, {}
             for mode in ("g", "plain"):
-                with torch.no_grad():
-                    enc = sae.encode(x, g if mode == "g" else None)
-                acts = (enc.top_acts, enc.top_indices, sae.cfg.d_sae)
-                rp = probing.best_latent_auc(acts, lab["pos"], lab["tag_classes"])
-                rg = probing.best_latent_auc(acts, lab["genre"], lab["genre_classes"])
+                res = {}
+                for split, labels in (("test", lab), ("val", val)):
+                    with torch.no_grad():
+                        enc = sae.encode(labels["rows"].x, labels["rows"].g if mode == "g" else None)
+                    acts = (enc.top_acts, enc.top_indices, sae.cfg.d_sae)
+                    res[split] = {kind: probing.best_latent_auc(acts, labels[kind], labels[f"{cls}_classes"])
+                                  for kind, cls in (("pos", "tag"), ("genre", "genre")) if labels[f"{cls}_classes"]}
+                rp, rg = res["test"]["pos"], res["test"]["genre"]
                 out[mode] = {"pos_auc": [float(a) for a in rp.auc], "genre_auc": [float(a) for a in rg.auc]}
                 metrics[mode] = {"probe_auc_pos": float(rp.mean_auc), "probe_auc_genre": float(rg.mean_auc)}
+                for kind in res["val"]:  # chosen on validation, scored on test (a split may lack a class)
+                    metrics[mode][f"probe_auc_{kind}_heldout"] = probing.held_out_auc(res["val"][kind],
+                                                                                     res["test"][kind])
             io.write_json(sae_dir(p, s, mh) / name, {**out, "metrics": metrics})
     return {s.name: io.read_json(sae_dir(p, s, mh) / name) for s in specs}
 

@@ -4,6 +4,7 @@ grid (``gsae.specs``), each resumable from checkpoints and saved in SAELens form
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 from typing import Any
 
@@ -18,7 +19,7 @@ from .harvest import reader
 def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress: bool = True):
     """Train (or resume, or skip) one SAE; saved in SAELens format under ``sae_dir(...)/sae``."""
     from ..saelens import save_sae
-    from ..train import TrainingDiverged, train_sae
+    from ..train import TrainingDiverged, torch_threads, train_sae
 
     out = sae_dir(p, spec, model_hash)
     if io.read_manifest(out) is not None:
@@ -26,10 +27,19 @@ def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress
     registry_append(p, {"event": "train_start", "sae": spec.name, "sae_cfg": dataclasses.asdict(spec.sae),
                         "train_cfg": dataclasses.asdict(spec.train)})
     n = (spec.train.tokens // spec.train.batch_size) * spec.train.batch_size
-    stream = lambda: train_reader.batches(spec.train.batch_size, seed=spec.train.seed, n_tokens=n)  # noqa: E731
+    cap = train_norm_cap(train_reader, spec.train.max_norm_factor) if spec.train.max_norm_factor else None
+
+    def stream():
+        for x, g in train_reader.batches(spec.train.batch_size, seed=spec.train.seed, n_tokens=n):
+            if cap is not None:  # massive-activation rows stay out of training (PREREG v2)
+                keep = x.norm(dim=-1) <= cap
+                x, g = x[keep], g[keep]
+            yield x, g
+
     try:
-        res = train_sae(spec.arm_impl, spec.sae, spec.train, stream, ckpt_dir=out / "ckpt", progress=progress,
-                        desc=spec.name)
+        with torch_threads(spec.train.threads):
+            res = train_sae(spec.arm_impl, spec.sae, spec.train, stream, ckpt_dir=out / "ckpt", progress=progress,
+                            desc=spec.name)
     except TrainingDiverged as e:
         registry_append(p, {"event": "train_diverged", "sae": spec.name, "error": str(e)})
         raise
@@ -55,6 +65,19 @@ def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _median_norm(harvest_dir: str) -> float:
+    from ..harvest import ActivationReader
+    from ..steering import median_activation_norm
+
+    return median_activation_norm(ActivationReader(harvest_dir).load_all().x)
+
+
+def train_norm_cap(train_reader, factor: float) -> float:
+    """``factor`` x the median row norm of the train split (cached per harvest)."""
+    return factor * _median_norm(str(train_reader.dir))
+
+
 def _trial_metrics(ev: dict, spec: SAESpec) -> dict[str, Any]:
     return ev[spec.name]["metrics"][spec.primary_encode]
 
@@ -67,6 +90,13 @@ def run_selection(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     out_path = results_dir(p) / "selection.json"
     if out_path.exists():
         return io.read_json(out_path)
+    if p.selection.protocol == "per_arm":
+        from .selection import select_per_arm
+
+        sel = {**select_per_arm(p, lm, progress), "provenance": io.provenance(profile=p.to_dict())}
+        io.write_json(out_path, sel)
+        registry_append(p, {"event": "selection_done", "lr": sel["lr"], "at_edge": sel["at_edge"]})
+        return sel
     mh = lm.info["model_hash"]
     train_rd = reader(p, "train", mh)
     d_in, gs = train_rd.d, train_rd.manifest["grad_stats"]["grad_scale"]
@@ -115,6 +145,8 @@ def selection_edge_check(p: Profile, lm, progress: bool = True) -> dict[str, Any
     out_path = results_dir(p) / "selection_edges.json"
     if out_path.exists():
         return io.read_json(out_path)
+    if p.selection.protocol != "v1":
+        return {}  # the per_arm protocol extends its grids itself
     sel = run_selection(p, lm, progress)
     mh = lm.info["model_hash"]
     train_rd = reader(p, "train", mh)
@@ -164,8 +196,11 @@ def run(p: Profile, lm=None, progress: bool = True) -> list[SAESpec]:
     from . import load_lm
 
     lm = lm or load_lm(p, progress)
+    from .selection import convergence
+
     run_selection(p, lm, progress)
     selection_edge_check(p, lm, progress)
+    convergence(p, lm, progress)
     specs = all_specs(p, lm)
     rd = reader(p, "train", lm.info["model_hash"])
     for s in bar(specs, desc="SAEs", unit="SAE", disable=not progress):

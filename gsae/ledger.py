@@ -1,0 +1,181 @@
+"""The v2 claims ledger (PREREG.md, version 2): ``prereg.yaml`` version 2 + ``results/<profile>/metrics.jsonl``
+-> one three-way verdict per claim (``gsae.decision``: replicated / not replicated / underpowered).
+
+A v2 claim names its tests: a metric, the encoder of the treatment arm's rows, the direction and the minimum
+effect, evaluated at the pre-registered primary k (the verdict) and at every other k of the grid (reported,
+never decisive). The intervals of a claim's tests at the primary k share its ``alpha`` (Bonferroni over
+``family`` = the number of those tests). A claim with several co-primary tests is
+
+* replicated      if every test is replicated,
+* not replicated  if every test is not replicated,
+* mixed           if some are replicated and some not replicated (both said, neither claimed),
+* underpowered    otherwise.
+
+Two rules besides the relative one of ``gsae.decision``:
+
+* ``equivalence`` (C4): the paired difference treatment - baseline in the metric's own units, with margin m:
+  replicated ("comparable") if the interval's lower end > -m, not replicated if its upper end < -m, else
+  underpowered;
+* ``floor`` (C2): "not testable (floor)" when both arms' means are at or below ``floor`` at that k, before any
+  other rule is applied.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import yaml
+
+from . import decision
+from .claims import BASELINE, TREATMENT, _index, _values
+
+OUTCOMES = ("replicated", "not replicated", "mixed", "underpowered", "not testable (floor)", "not tested")
+
+
+class LedgerError(ValueError):
+    """prereg.yaml (version 2) is not something this module can apply; the message says what to fix."""
+
+
+class TestResult(NamedTuple):
+    test: str
+    """"<metric> (<encoder>)"."""
+    k: int
+    variant: str
+    verdict: str
+    estimate: float
+    """Relative gain (fraction of the baseline mean; positive = treatment better), or the absolute difference
+    treatment - baseline for an equivalence test."""
+    lower: float
+    upper: float
+    half_width_pct: float
+    """Half-width of the plain 95 % interval in % of the baseline mean (the design target), nan for equivalence."""
+    n: int
+    baseline_mean: float
+    treatment_mean: float
+
+
+class ClaimResult(NamedTuple):
+    claim: str
+    title: str
+    verdict: str
+    primary: list[TestResult]
+    """The tests at the primary k (these decide)."""
+    curve: list[TestResult]
+    """The same tests at every other k (reported, not decisive)."""
+    robustness: dict[str, str]
+    """Variant name -> the claim's verdict recomputed on that variant's SAEs (e.g. a thread-count rerun)."""
+
+
+def load_prereg_v2(path: str | Path) -> dict[str, Any]:
+    pre = yaml.safe_load(Path(path).read_text())
+    if not isinstance(pre, dict) or pre.get("version") != 2:
+        raise LedgerError(f"{path}: expected prereg.yaml version 2 (v1 is applied by gsae.claims)")
+    for key in ("primary_k", "k_grid", "alpha", "claims"):
+        if key not in pre.get("design", {}) and key not in pre:
+            raise LedgerError(f"{path}: missing '{key}'")
+    for cid, c in pre["claims"].items():
+        for t in c.get("tests", []):
+            missing = {"metric", "encode_mode", "better", "rule"} - set(t)
+            if missing:
+                raise LedgerError(f"{path}: claim {cid} has a test without {sorted(missing)}")
+            if t["rule"] not in ("relative", "equivalence"):
+                raise LedgerError(f"{path}: claim {cid}: rule must be 'relative' or 'equivalence', got {t['rule']!r}")
+    return pre
+
+
+def _means(topk: dict[int, float], treated: dict[int, float]) -> tuple[float, float]:
+    return (float(np.mean(list(topk.values()))) if topk else math.nan,
+            float(np.mean(list(treated.values()))) if treated else math.nan)
+
+
+def run_test(index: dict, test: dict[str, Any], k: int, variant: str, alpha: float, family: int,
+             floor: float | None = None, baseline: str = BASELINE, treatment: str = TREATMENT) -> TestResult:
+    """One test at one k on one variant's rows (``gsae.claims._index`` of metrics.jsonl)."""
+    name = f"{test['metric']} ({test['encode_mode']})"
+    t_vals = _values(index, variant, baseline, test["encode_mode"], k, test["metric"])
+    g_vals = _values(index, variant, treatment, test["encode_mode"], k, test["metric"])
+    paired = sorted(set(t_vals) & set(g_vals))
+    t_vals, g_vals = {s: t_vals[s] for s in paired}, {s: g_vals[s] for s in paired}
+    t_mean, g_mean = _means(t_vals, g_vals)
+    if len(paired) < 2:
+        return TestResult(name, k, variant, "not tested", math.nan, math.nan, math.nan, math.nan, len(paired),
+                          t_mean, g_mean)
+    if floor is not None and t_mean <= floor and g_mean <= floor:
+        return TestResult(name, k, variant, "not testable (floor)", math.nan, math.nan, math.nan, math.nan,
+                          len(paired), t_mean, g_mean)
+    if test["rule"] == "equivalence":
+        diff = np.array([g_vals[s] - t_vals[s] for s in paired])
+        iv = decision.paired_interval(diff, alpha, family)
+        margin = float(test["margin"])
+        verdict = ("replicated" if iv.lower > -margin else "not replicated" if iv.upper < -margin
+                   else "underpowered")
+        return TestResult(name, k, variant, verdict, iv.estimate, iv.lower, iv.upper, math.nan, len(paired),
+                          t_mean, g_mean)
+    d = decision.decide(t_vals, g_vals, test["better"], float(test["min_rel_effect"]), alpha, family)
+    rel = decision.relative_gains(t_vals, g_vals, test["better"])
+    half = 100.0 * decision.paired_interval(rel.gains, 0.05, 1).half_width
+    return TestResult(name, k, variant, d.verdict, d.interval.estimate, d.interval.lower, d.interval.upper, half,
+                      len(paired), t_mean, g_mean)
+
+
+def combine(verdicts: list[str]) -> str:
+    """A claim's verdict from its co-primary tests' verdicts (module docstring)."""
+    if not verdicts or all(v == "not tested" for v in verdicts):
+        return "not tested"
+    if all(v == "not testable (floor)" for v in verdicts):
+        return "not testable (floor)"
+    if all(v == "replicated" for v in verdicts):
+        return "replicated"
+    if all(v == "not replicated" for v in verdicts):
+        return "not replicated"
+    if "replicated" in verdicts and "not replicated" in verdicts:
+        return "mixed"
+    return "underpowered"
+
+
+def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimResult]:
+    """Every v2 claim's verdict at the primary k, its curve over the k grid and its robustness variants."""
+    index = _index(rows)
+    primary_k, grid = list(prereg["primary_k"]), list(prereg["k_grid"])
+    alpha = float(prereg["alpha"])
+    out = []
+    for cid, claim in prereg["claims"].items():
+        tests = claim["tests"]
+        family = len(tests) * len(primary_k)
+        floor = claim.get("floor")
+
+        def at(k: int, variant: str, fam: int) -> list[TestResult]:
+            return [run_test(index, t, k, variant, alpha, fam, floor) for t in tests]  # noqa: B023
+
+        primary = [r for k in primary_k for r in at(k, "primary", family)]
+        curve = [r for k in grid if k not in primary_k for r in at(k, "primary", len(tests))]
+        robustness = {v: combine([r.verdict for k in primary_k for r in at(k, v, family)])
+                      for v in claim.get("robustness", [])}
+        out.append(ClaimResult(cid, claim["title"], combine([r.verdict for r in primary]), primary, curve,
+                               robustness))
+    return out
+
+
+def _pct(x: float) -> str:
+    return "—" if math.isnan(x) else f"{100 * x:+.1f}%"
+
+
+def render(results: list[ClaimResult], prereg: dict[str, Any]) -> str:
+    """The v2 claims table (Markdown): verdict, the primary-k tests with their intervals, robustness."""
+    lines = ["| claim | verdict | test at the primary k | effect [interval] | 95% half-width | n | robustness |",
+             "|---|---|---|---|---|---|---|"]
+    for c in results:
+        for i, r in enumerate(c.primary):
+            equiv = any(t["rule"] == "equivalence" and f"{t['metric']} ({t['encode_mode']})" == r.test
+                        for t in prereg["claims"][c.claim]["tests"])
+            fmt = (lambda x: "—" if math.isnan(x) else f"{x:+.4f}") if equiv else _pct
+            effect = f"{fmt(r.estimate)} [{fmt(r.lower)}, {fmt(r.upper)}]"
+            half = "—" if math.isnan(r.half_width_pct) else f"{r.half_width_pct:.1f}%"
+            rob = "; ".join(f"{v}: {w}" for v, w in c.robustness.items()) or "—"
+            head = (f"**{c.claim}** {c.title}", f"**{c.verdict}**") if i == 0 else ("", "")
+            lines.append(f"| {head[0]} | {head[1]} | {r.test} at k = {r.k}: {r.verdict} | {effect} | {half} | "
+                         f"{r.n} | {rob if i == 0 else ''} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,106 @@
+"""The v2 selection protocol (PREREG v2 §3, ``selection.protocol: per_arm``) and the convergence check.
+
+Every arm gets the same learning-rate trials (its own hyperparameters at the first value of their grid, e.g. the
+g-SAE's beta fixed from v1), trained at each selection seed (never a primary seed) for the primary training length
+at the selection k, and scored by its **plain-encode** validation delta_ce (label-free, the primary encoder), mean
+over the seeds. A best lr on the grid's edge gets a trial one grid step beyond it, at most ``max_extensions`` times,
+so the chosen lr is inside its grid or the record says it is not. The convergence check then trains each arm at the
+chosen lr for ``length_multipliers`` x the primary length (first selection seed) and records the validation
+delta_ce against the number of training tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .. import arms, io
+from ..config import Profile
+from ..paths import registry_append, results_dir
+from ..specs import SAESpec, sae_config
+from .harvest import reader
+
+
+def _own(p: Profile, arm: str) -> dict[str, float]:
+    return {hp: grid[0] for hp, grid in arms.get(arm).hyperparameter_grid(p.experiment).items()}
+
+
+def _spec(p: Profile, arm: str, d_in: int, gs: float, lr: float, seed: int, tokens: int | None = None,
+          label: str = "") -> SAESpec:
+    k = p.experiment.beta_select_k
+    train = dataclasses.replace(p.train, seed=seed, lr=lr, **({"tokens": tokens} if tokens else {}))
+    return SAESpec("selection", arm, k, seed, sae_config(p, arm, d_in, k, gs, **_own(p, arm)), train,
+                   label or f"lr{lr:.4g}")
+
+
+def _score(p: Profile, lm, specs: list[SAESpec], progress: bool) -> dict[str, dict[str, Any]]:
+    from .evaluate import evaluate_specs
+    from .train import train_one
+
+    rd = reader(p, "train", lm.info["model_hash"])
+    for s in specs:
+        train_one(p, s, rd, lm.info["model_hash"], progress)
+    ev = evaluate_specs(p, lm, specs, "val", progress)
+    return {s.name: ev[s.name]["metrics"]["plain"] for s in specs}
+
+
+def select_per_arm(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
+    """Each arm's lr (module docstring); returns what selection.json records."""
+    train_rd = reader(p, "train", lm.info["model_hash"])
+    d_in, gs = train_rd.d, train_rd.manifest["grad_stats"]["grad_scale"]
+    grid = sorted(p.train.lr * m for m in p.selection.lr_multipliers)
+    step_up = grid[-1] / grid[-2] if len(grid) > 1 else 2.0
+    step_down = grid[0] / grid[1] if len(grid) > 1 else 0.5
+    out: dict[str, Any] = {"protocol": "per_arm", "k": p.experiment.beta_select_k, "seeds": list(p.selection.seeds),
+                           "split": "val", "objective": "plain-encode delta_ce, mean over the selection seeds",
+                           "grad_scale": gs, "lr": {}, "lr_trials": {}, "extensions": {}, "at_edge": {},
+                           "trials": []}
+    for arm in p.experiment.arms:
+        lrs, scores, extensions = list(grid), {}, 0
+        while True:
+            todo = [lr for lr in lrs if lr not in scores]
+            specs = {lr: [_spec(p, arm, d_in, gs, lr, s) for s in p.selection.seeds] for lr in todo}
+            res = _score(p, lm, [s for ss in specs.values() for s in ss], progress)
+            for lr, ss in specs.items():
+                scores[lr] = sum(res[s.name]["delta_ce"] for s in ss) / len(ss)
+                out["trials"] += [{"arm": arm, "lr": lr, "seed": s.seed, **_own(p, arm), **res[s.name]} for s in ss]
+            best = min(scores, key=scores.get)
+            edge = best in (min(scores), max(scores))
+            if not edge or extensions >= p.selection.max_extensions:
+                break
+            lrs.append(best * (step_up if best == max(scores) else step_down))
+            extensions += 1
+        out["lr"][arm], out["lr_trials"][arm] = best, scores
+        out["extensions"][arm], out["at_edge"][arm] = extensions, edge
+        out.update(_own(p, arm))
+    return out
+
+
+def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
+    """Validation delta_ce of each arm at its chosen lr against the training length (convergence.json)."""
+    path = results_dir(p) / "convergence.json"
+    if path.exists() or not p.selection.length_multipliers:
+        return io.read_json(path) if path.exists() else {}
+    sel = io.read_json(results_dir(p) / "selection.json")
+    train_rd = reader(p, "train", lm.info["model_hash"])
+    d_in, gs, seed = train_rd.d, sel["grad_scale"], p.selection.seeds[0]
+    curves: dict[str, Any] = {}
+    for arm in p.experiment.arms:
+        lr = sel["lr"][arm]
+        lengths = sorted({1.0, *p.selection.length_multipliers})
+        tok = {m: max(1, round(m * p.train.tokens / p.train.batch_size)) * p.train.batch_size for m in lengths}
+        specs = {m: _spec(p, arm, d_in, gs, lr, seed, None if m == 1.0 else tok[m],
+                          "" if m == 1.0 else f"lr{lr:.4g}-len{m:g}") for m in lengths}
+        res = _score(p, lm, list(specs.values()), progress)
+        curves[arm] = {str(tok[m]): res[s.name] for m, s in specs.items()}
+    out = {"split": "val", "seed": seed, "primary_tokens": p.train.tokens, "curves": curves,
+           "provenance": io.provenance(profile=p.to_dict())}
+    io.write_json(path, out)
+    registry_append(p, {"event": "convergence_done"})
+    return out
+
+
+def relative_change(curve: dict[str, dict[str, Any]], base_tokens: int, metric: str = "delta_ce") -> float | None:
+    """(metric at twice the primary length - metric at the primary length) / metric at the primary length."""
+    a, b = curve.get(str(base_tokens)), curve.get(str(2 * base_tokens))
+    return None if a is None or b is None else (b[metric] - a[metric]) / a[metric]

@@ -1,0 +1,78 @@
+"""The v2 selection protocol and the v2 grid, with the training replaced by a known score function."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import gsae.stages.selection as sel
+from gsae.config import ConfigError, profile_from_dict
+from gsae.paths import ROOT
+from gsae.specs import experiment_specs
+
+
+def v2_profile(**selection):
+    raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    raw["selection"] = {**raw["selection"], **selection}
+    return profile_from_dict("v2", raw)
+
+
+@pytest.fixture()
+def fake_training(monkeypatch):
+    """Validation delta_ce = (log2(lr / best_lr))^2 + 1 per arm (+ a per-seed offset); records what was trained."""
+    best = {"topk": 4e-3, "gsae": 3.2e-2}
+    trained = []
+
+    def score(p, lm, specs, progress):
+        trained.extend(specs)
+        return {s.name: {"delta_ce": math.log2(s.train.lr / best[s.arm]) ** 2 + 1 + 0.01 * s.seed} for s in specs}
+
+    monkeypatch.setattr(sel, "_score", score)
+    monkeypatch.setattr(sel, "reader", lambda p, split, mh: SimpleNamespace(
+        d=16, manifest={"grad_stats": {"grad_scale": 1.0}}))
+    return trained
+
+
+def test_every_arm_gets_the_same_trials_and_an_edge_optimum_is_extended(fake_training):
+    p = v2_profile()
+    out = sel.select_per_arm(p, SimpleNamespace(info={"model_hash": "x"}), progress=False)
+    assert out["lr"]["topk"] == pytest.approx(4e-3) and not out["at_edge"]["topk"] and out["extensions"]["topk"] == 0
+    # the g-SAE's optimum (3.2e-2) lies two grid steps above 8e-3: two extensions reach it, and it is then an edge
+    assert out["lr"]["gsae"] == pytest.approx(3.2e-2) and out["extensions"]["gsae"] == 2 and out["at_edge"]["gsae"]
+    per_arm = Counter((s.arm, s.seed) for s in fake_training)
+    assert per_arm[("topk", 100)] == per_arm[("topk", 101)] == 4 and per_arm[("gsae", 100)] == 6
+    assert all(s.sae.beta == (0.1 if s.arm == "gsae" else 0.0) for s in fake_training)  # beta fixed, not tuned
+    assert {s.seed for s in fake_training} == {100, 101} and all(s.k == 32 for s in fake_training)
+
+
+def test_no_extension_budget_reports_the_edge(fake_training):
+    out = sel.select_per_arm(v2_profile(max_extensions=0), SimpleNamespace(info={"model_hash": "x"}), progress=False)
+    assert out["lr"]["gsae"] == pytest.approx(8e-3) and out["at_edge"]["gsae"] and out["extensions"]["gsae"] == 0
+
+
+def test_the_v2_grid_has_ten_primary_seeds_three_curve_seeds_and_the_thread_rerun():
+    p = v2_profile()
+    specs = experiment_specs(p, 576, 1.0, {"gsae": {"beta": 0.1}}, {"topk": 4e-3, "gsae": 8e-3})
+    count = Counter((s.group, s.k) for s in specs)
+    assert count == {("primary", 32): 20, ("primary", 8): 6, ("primary", 16): 6, ("primary", 64): 6,
+                     ("threads_1", 32): 12}
+    assert all(s.train.threads == 1 for s in specs if s.group == "threads_1")
+    assert {s.train.lr for s in specs if s.arm == "gsae"} == {8e-3}
+    assert all(s.train.max_norm_factor == 10 for s in specs)
+
+
+def test_selection_seeds_must_not_be_experiment_seeds():
+    raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    raw["selection"]["seeds"] = [1, 100]
+    with pytest.raises(ConfigError, match=r"selection.seeds \[1\]"):
+        profile_from_dict("bad", raw)
+
+
+def test_relative_change_reads_the_doubled_length():
+    curve = {"1000": {"delta_ce": 0.5}, "2000": {"delta_ce": 0.49}}
+    assert sel.relative_change(curve, 1000) == pytest.approx(-0.02)
+    assert sel.relative_change(curve, 2000) is None
