@@ -178,42 +178,45 @@ def save_figure(fig: plt.Figure, path: str | Path, provenance: dict[str, Any]) -
     return path
 
 
+def _arm_curves(curves: dict[str, tuple[list[float], list[float], str]], marks: dict[str, float], xlabel: str,
+                title: str = "") -> plt.Figure:
+    """One line per arm (``curves``: arm -> (x, validation ΔCE, legend label)) on a log x axis, with a dotted
+    vertical line at each ``marks`` value (arm name or "primary length" -> x)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    colors = palette()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, (xs, ys, label) in curves.items():
+        ax.plot(xs, ys, marker="o", color=colors[arms.get(name).label], label=label)
+    for name, x in marks.items():
+        ax.axvline(x, color=colors[arms.get(name).label] if name in arms.names() else "0.6", lw=0.8, ls=":",
+                   label=None if name in arms.names() else name)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation ΔCE, plain-encode (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_selection(selection: dict[str, Any], edges: dict[str, Any] | None, baseline: str, arm: str) -> plt.Figure:
     """The selection figure of either protocol: per_arm (v2) draws each arm's validation ΔCE (nats) against its
     learning rate, chosen lr marked; v1 draws the g-SAE's β ablation (``plot_hyperparameter_ablation``)."""
     if selection.get("protocol") != "per_arm":
         return plot_hyperparameter_ablation(selection, baseline, arm, "beta", edges)
-    sns.set_theme(style="whitegrid", context="notebook")
-    colors = palette()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    curves = {}
     for name, trials in selection["lr_trials"].items():
-        a = arms.get(name)
-        lrs = sorted(float(lr) for lr in trials)
-        ax.plot(lrs, [trials[str(lr)] if str(lr) in trials else trials[lr] for lr in lrs], marker="o",
-                color=colors[a.label], label=f"{a.label} (chosen {float(selection['lr'][name]):.3g})")
-        ax.axvline(float(selection["lr"][name]), color=colors[a.label], lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation ΔCE, plain-encode (nats)")
-    ax.set_title(f"lr trials at k = {selection['k']}, mean over selection seeds {selection['seeds']}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+        lrs = sorted(trials, key=float)
+        curves[name] = ([float(lr) for lr in lrs], [trials[lr] for lr in lrs],
+                        f"{arms.get(name).label} (chosen {float(selection['lr'][name]):.3g})")
+    return _arm_curves(curves, {n: float(lr) for n, lr in selection["lr"].items()}, "learning rate",
+                       f"lr trials at k = {selection['k']}, mean over selection seeds {selection['seeds']}")
 
 
 def plot_convergence(conv: dict[str, Any]) -> plt.Figure:
     """Validation ΔCE (nats) of each arm at its chosen lr against training tokens; the primary length is marked."""
-    sns.set_theme(style="whitegrid", context="notebook")
-    colors = palette()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    curves = {}
     for name, curve in conv["curves"].items():
-        a = arms.get(name)
-        toks = sorted(int(t) for t in curve)
-        ax.plot(toks, [curve[str(t)]["delta_ce"] for t in toks], marker="o", color=colors[a.label], label=a.label)
-    ax.axvline(conv["primary_tokens"], color="0.6", lw=1, ls="--", label="primary length")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens per SAE")
-    ax.set_ylabel("validation ΔCE, plain-encode (nats)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+        toks = sorted(curve, key=int)
+        curves[name] = ([int(t) for t in toks], [curve[t]["delta_ce"] for t in toks], arms.get(name).label)
+    return _arm_curves(curves, {"primary length": conv["primary_tokens"]}, "training tokens per SAE")
