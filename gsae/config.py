@@ -340,6 +340,12 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
     unknown = set(raw) - set(SECTIONS)
     _require(not unknown, f"unknown section(s) {sorted(unknown)} in profile {name!r}; allowed: {sorted(SECTIONS)}")
     parts = {sec: _build(cls, sec, raw.get(sec) or {}) for sec, cls in SECTIONS.items()}
+    from . import arms
+
+    label_free = [a for a in parts["experiment"].arms if arms.get(a).gradient == "g_free"]
+    _require(not label_free or set(parts["harvest"].label_free_splits) == {"train", "val", "test"},
+             f"arm(s) {label_free} train and encode with the label-free gradient; set harvest.label_free_splits "
+             f"to [train, val, test]")
     shared = set(parts["selection"].seeds) & (set(parts["experiment"].seeds) | set(parts["experiment"].curve_seeds))
     _require(not shared, f"selection.seeds {sorted(shared)} are also experiment seeds; selection must use its own")
     return Profile(name=name, **parts)

@@ -279,6 +279,12 @@ class HarvestRows(NamedTuple):
     g_free: Tensor | None = None
     """[n, d] float32 label-free gradients, when the harvest stored them."""
 
+    def gradient(self, mode: str) -> Tensor | None:
+        """The gradient encoder ``mode`` uses: "g" -> g, "g_free" -> g_free, "plain" -> None."""
+        if mode == "g_free" and self.g_free is None:
+            raise KeyError("this harvest stored no g_free; add the split to harvest.label_free_splits")
+        return {"g": self.g, "g_free": self.g_free, "plain": None}[mode]
+
 
 class ActivationReader:
     """Reads a completed harvest: seeded shuffled (x, g) batches with bounded memory, or all rows at once.

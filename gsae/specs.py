@@ -41,8 +41,9 @@ class SAESpec:
 
     @property
     def primary_encode(self) -> str:
-        """The encoder this SAE is meant to be used with: "g" when its code uses the gradient, else "plain"."""
-        return "g" if self.arm_impl.has_gradient_encoder else "plain"
+        """The encoder this SAE is meant to be used with: its arm's gradient ("g" or "g_free") when its code uses
+        one, else "plain"."""
+        return self.arm_impl.gradient if self.arm_impl.has_gradient_encoder else "plain"
 
 
 def sae_config(p: Profile, arm: str, d_in: int, k: int, grad_scale: float, **own: Any) -> SAEConfig:

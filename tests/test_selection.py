@@ -76,3 +76,16 @@ def test_relative_change_reads_the_doubled_length():
     curve = {"1000": {"delta_ce": 0.5}, "2000": {"delta_ce": 0.49}}
     assert sel.relative_change(curve, 1000) == pytest.approx(-0.02)
     assert sel.relative_change(curve, 2000) is None
+
+
+def test_the_label_free_arm_trains_and_encodes_with_g_free_and_needs_it_harvested_everywhere():
+    raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    raw["experiment"]["arms"] = ["topk", "gsae_free"]
+    with pytest.raises(ConfigError, match=r"label_free_splits"):
+        profile_from_dict("bad", raw)
+    raw["harvest"]["label_free_splits"] = ["train", "val", "test"]
+    p = profile_from_dict("free", raw)
+    specs = experiment_specs(p, 576, 1.0, {"gsae_free": {"beta": 0.1}}, 4e-3)
+    free = [s for s in specs if s.arm == "gsae_free"]
+    assert free and all(s.primary_encode == "g_free" and s.arm_impl.gradient == "g_free" for s in free)
+    assert all(s.primary_encode == "plain" for s in specs if s.arm == "topk")

@@ -50,6 +50,9 @@ class Arm:
     """Variant name -> ``SAEConfig`` overrides, trained as sensitivity analyses of this arm."""
     has_gradient_encoder: ClassVar[bool] = False
     """True when the arm's code can use the gradient, so its g-encode and plain-encode are told apart."""
+    gradient: ClassVar[str] = "g"
+    """Which harvested gradient the arm trains on and encodes with: "g" (true next-token labels) or "g_free"
+    (the label-free argmax pseudo-label, ``gsae.lm.label_free_ce``)."""
 
     # -------------------------------------------------------------------------------------------- config
     def make_config(self, **fields: Any) -> SAEConfig:

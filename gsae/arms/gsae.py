@@ -78,4 +78,17 @@ class GSAEArm(Arm):
         return gsae_from_topk_saelens(sl, self.build, **{f: getattr(sl.cfg, f) for f in GRADIENT_FIELDS})
 
 
+class LabelFreeGSAEArm(GSAEArm):
+    """The g-SAE trained and encoded with the label-free gradient (the CE against the model's own argmax), so no
+    next token is needed at training or inference. Same module and SAELens format as the g-SAE (it loads back as
+    one); only the gradient it is fed differs."""
+
+    name = "gsae_free"
+    label = "g-SAE (label-free)"
+    color = "#9467bd"
+    gradient = "g_free"
+    sensitivity_variants = {}
+
+
 register(GSAEArm())
+register(LabelFreeGSAEArm())

@@ -63,9 +63,10 @@ def massive_norm_cap(train_x: torch.Tensor, factor: float = MASSIVE_NORM_FACTOR)
     return factor * median_activation_norm(train_x)
 
 
-def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor, mode: str, chunk: int = 4096,
+def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor | None, mode: str, chunk: int = 4096,
                        norm_cap: float | None = None) -> dict[str, Any]:
-    """FVU, MSE, L0 and per-latent firing counts of one encoder over harvested rows (no LM forward needed).
+    """FVU, MSE, L0 and per-latent firing counts of one encoder over harvested rows (no LM forward needed); ``g``
+    is the gradient that encoder uses (ignored for ``mode="plain"``).
 
     With ``norm_cap`` also ``fvu_typical``: the pooled FVU over the rows whose norm is at most ``norm_cap``
     (see ``MASSIVE_NORM_FACTOR``), and ``n_massive``, the number of rows left out of it."""
@@ -74,7 +75,7 @@ def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor, mode: str, chunk: 
     with torch.no_grad():
         for i in range(0, len(x), chunk):
             xb = x[i:i + chunk]
-            enc = sae.encode(xb, g[i:i + chunk] if mode == "g" else None)
+            enc = sae.encode(xb, None if mode == "plain" or g is None else g[i:i + chunk])
             x_hat = sae.decode(enc.top_acts, enc.top_indices)
             stats.add(xb, x_hat, enc.top_acts, enc.top_indices)
             if norm_cap is not None:
@@ -88,13 +89,22 @@ def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor, mode: str, chunk: 
     return out
 
 
+def standard_names(lm_part: dict[str, Any], act: dict[str, Any]) -> dict[str, float]:
+    """The quality figures under the names SAELens' run_evals / SAEBench use: ce_loss_score (CE recovered against
+    zero ablation), explained_variance (1 - FVU; also over typical tokens) and kl_div (KL(clean || spliced))."""
+    out = {"ce_loss_score": lm_part["recovered_zero"], "kl_div": lm_part["kl"], "explained_variance": 1 - act["fvu"]}
+    if "fvu_typical" in act:
+        out["explained_variance_typical"] = 1 - act["fvu_typical"]
+    return out
+
+
 def dead_fraction_over(sae, rd, mode: str, batch: int = 8192) -> float:
     """Fraction of latents that never fire on every row of a harvested split (``rd``), under encoder ``mode``:
     C2's window in v2 (the whole training split, far larger than the test split)."""
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     with torch.no_grad():
-        for x, g in rd.batches(batch, seed=0, epochs=1):
-            enc = sae.encode(x, g if mode == "g" else None)
+        for x, g in rd.batches(batch, seed=0, epochs=1, gradient="g_free" if mode == "g_free" else "g"):
+            enc = sae.encode(x, None if mode == "plain" else g)
             fired[enc.top_indices[enc.top_acts > 0]] = True
     return float((~fired).double().mean())
 
@@ -121,12 +131,11 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
             d = sae_dir(p, s, mh)
             out, counts = {}, {}
             for mode, r in res[s.name].items():
-                act = activation_metrics(saes[s.name], rows.x, rows.g_free if mode == "g_free" else rows.g,
-                                         "plain" if mode == "plain" else "g", norm_cap=cap)
+                act = activation_metrics(saes[s.name], rows.x, rows.gradient(mode), mode, norm_cap=cap)
                 counts[mode] = act.pop("counts")
                 lm_part = {f"{k}_lm_subset" if k in ("fvu", "mse", "l0", "dead_fraction") else k: v
                            for k, v in r.scalars().items()}
-                out[mode] = {**lm_part, **act, "n_lm_tokens": r.n_tokens}
+                out[mode] = {**lm_part, **act, "n_lm_tokens": r.n_tokens, **standard_names(lm_part, act)}
             if split == "test":  # C2's window: the whole training split, with the encoder the SAE trained with
                 mode = s.primary_encode
                 out[mode]["dead_fraction_trainsplit"] = dead_fraction_over(saes[s.name], reader(p, "train", mh), mode)

@@ -56,11 +56,11 @@ def run_probing(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> 
         for s in todo:
             sae = load_trained(p, s, mh)
             out, metrics = {}, {}
-            for mode in ("g", "plain"):
+            for mode in ("g", "plain") + (("g_free",) if s.primary_encode == "g_free" else ()):
                 res = {}
                 for split, labels in (("test", lab), ("val", val)):
                     with torch.no_grad():
-                        enc = sae.encode(labels["rows"].x, labels["rows"].g if mode == "g" else None)
+                        enc = sae.encode(labels["rows"].x, labels["rows"].gradient(mode))
                     acts = (enc.top_acts, enc.top_indices, sae.cfg.d_sae)
                     res[split] = {kind: probing.best_latent_auc(acts, labels[kind], labels[f"{cls}_classes"])
                                   for kind, cls in (("pos", "tag"), ("genre", "genre")) if labels[f"{cls}_classes"]}
@@ -89,7 +89,7 @@ def write_latent_browser(p: Profile, lm, specs: list[SAESpec], n_latents: int = 
             continue
         sae = load_trained(p, s, mh)
         with torch.no_grad():
-            enc = sae.encode(rows.x, rows.g if s.primary_encode == "g" else None)
+            enc = sae.encode(rows.x, rows.gradient(s.primary_encode))
         dense = sae.to_dense(enc)
         live = torch.nonzero(dense.gt(0).any(0)).flatten()
         pick = live[torch.randperm(len(live), generator=torch.Generator().manual_seed(0))[:n_latents]].sort().values

@@ -30,7 +30,8 @@ def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress
     cap = train_norm_cap(train_reader, spec.train.max_norm_factor) if spec.train.max_norm_factor else None
 
     def stream():
-        for x, g in train_reader.batches(spec.train.batch_size, seed=spec.train.seed, n_tokens=n):
+        for x, g in train_reader.batches(spec.train.batch_size, seed=spec.train.seed, n_tokens=n,
+                                         gradient=spec.arm_impl.gradient):
             if cap is not None:  # massive-activation rows stay out of training (PREREG v2)
                 keep = x.norm(dim=-1) <= cap
                 x, g = x[keep], g[keep]
