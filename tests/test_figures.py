@@ -48,7 +48,7 @@ def test_paired_differences_match_a_hand_computation_and_the_plot_shows_them():
     out = gf.plot_paired_differences(rows_fixture(), ["delta_ce", "kl"], "topk", "gsae", "plain", 0.05,
                                      better={"delta_ce": "lower"})
     t = out.table
-    assert list(zip(t.metric, t.k)) == [("delta_ce", 8), ("delta_ce", 16), ("kl", 8), ("kl", 16)]
+    assert list(zip(t.metric, t.k, strict=True)) == [("delta_ce", 8), ("delta_ce", 16), ("kl", 8), ("kl", 16)]
     rel, mean, lo, hi = hand([1.0, 1.2, 1.1], [0.9, 1.0, 1.2])
     r = t.iloc[0]
     assert r.n == 3 and r.baseline_mean == pytest.approx(1.1)
