@@ -212,7 +212,7 @@ def plot_paired_differences(rows: Sequence[dict[str, Any]], metric: str | Sequen
         ax.set_xlabel("L0 = k (latents per token)")
         ax.set_ylabel(f"({t_label} − {b_label}) / mean {b_label} (%)")
         direction = (better or {}).get(m)
-        title = f"{axis_label(m)}, paired by seed" + (f"; {direction} is better" if direction else "")
+        title = f"{m}: paired difference" + (f" ({direction} is better)" if direction else "")
         ax.set_title(title, fontsize=11)
         ax.legend(fontsize=7)
     fig.tight_layout()

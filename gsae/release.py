@@ -212,11 +212,21 @@ def write_release(arm: Any, sae: nn.Module, path: str | Path, x: Tensor, g: Tens
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
+MACHINE_SPECIFIC = ("cache",)
+"""``lm.info`` keys that hold this machine's paths: never written into committed files."""
+
+
+def model_info(lm: Any) -> dict[str, Any]:
+    """``lm.info`` without machine-specific paths (for files that are committed)."""
+    return {k: v for k, v in lm.info.items() if k not in MACHINE_SPECIFIC}
+
+
 def release_metadata(p: Any, lm: Any, spec: Any, name: str) -> dict[str, Any]:
     """cfg.json metadata of a released SAE: the exact LM and hook, how to load it, where it came from."""
     mh = lm.info["model_hash"]
     return {"model_name": p.model.name, "model_description": MODEL_DESCRIPTIONS.get(p.model.name, p.model.name),
-            "model_hash": mh, "hook_name": p.model.hook_name, "hook_layer": p.model.layer,
+            "model_hash": mh, **({"model_file": lm.info["gguf"]} if "gguf" in lm.info else {}),
+            "hook_name": p.model.hook_name, "hook_layer": p.model.layer,
             "context_size": p.data.ctx_len, "prepend_bos": False,
             "load": f"import gsae; sae = gsae.load_pretrained({name!r})  # or: import gsae.arms; "
                     f"sae_lens.SAE.load_from_disk(<this directory>)",
@@ -264,5 +274,5 @@ def export_release(p: Any, lm: Any, specs: list[Any], root: str | Path | None = 
                                "release_error": errors(r.release_error),
                                "sha256": {f: io.sha256_file(r.path / f) for f in ("cfg.json", WEIGHTS)}}
                  for n, r in out.items()},
-        "provenance": io.provenance(profile=p.to_dict(), model=lm.info)})
+        "provenance": io.provenance(profile=p.to_dict(), model=model_info(lm))})
     return out

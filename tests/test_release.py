@@ -148,7 +148,7 @@ def test_export_release_writes_checked_files_and_unknown_names_list_the_availabl
     rows = HarvestRows(trained.x, trained.g, {})
     monkeypatch.setattr("gsae.specs.load_trained", lambda p_, s, mh: trained.saes[s.arm])
     monkeypatch.setattr("gsae.stages.harvest.reader", lambda p_, split, mh: SimpleNamespace(load_all=lambda: rows))
-    lm = SimpleNamespace(info={"model_hash": "abc", "name": "tiny"})
+    lm = SimpleNamespace(info={"model_hash": "abc", "name": "tiny", "cache": str(tmp_path / "models")})
     out = release.export_release(p, lm, specs, root=tmp_path)
     names = [f"smoke/topk-k{k}-s{seed}", f"smoke/gsae-k{k}-s{seed}"]
     assert list(out) == names and release.available(tmp_path) == sorted(names)
@@ -157,6 +157,7 @@ def test_export_release_writes_checked_files_and_unknown_names_list_the_availabl
     entry = rec["saes"][f"gsae-k{k}-s{seed}"]
     assert entry["weights_dtype"] == "float16" and set(entry["fp16_error"]) == {"g", "plain"}
     assert math.isclose(entry["fp16_error"]["g"]["pooled"], out[names[1]].fp16_error["g"].pooled)
+    assert str(tmp_path) not in (tmp_path / "smoke" / release.RELEASE_FILE).read_text()  # no machine paths
     sl = release.load_pretrained(names[1], root=tmp_path)
     assert type(sl) is GTopKSAE and sl.cfg.metadata.release == names[1] and sl.cfg.beta == 0.5
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .. import dashboard, io
 from ..config import Profile
 from ..paths import figures_dir, results_dir
+from ..release import model_info
 from ..sae import GSAE
 from ..specs import SAESpec, load_trained
 from .contexts import contexts
@@ -141,6 +142,6 @@ def write_dashboards(p: Profile, lm, specs: list[SAESpec], cfg: dashboard.Dashbo
 
         for arm, page in out.pages.items():
             png = dashboard.screenshot(page, figures_dir(p) / f"dashboard_{page.stem}.png", SCREENSHOT_SIZE)
-            record_provenance(png, provenance or io.provenance(profile=p.to_dict(), model=lm.info))
+            record_provenance(png, provenance or io.provenance(profile=p.to_dict(), model=model_info(lm)))
             out.screenshots[arm] = png
     return out
