@@ -170,6 +170,8 @@ class Dashboard(NamedTuple):
     token_text: dict[int, str]
     """Decoded text of every token id the page shows."""
     other_name: str
+    note: str = ""
+    """A line under the title (e.g. what the "changed" group compares against)."""
 
 
 # ------------------------------------------------------------------------------------------------ streaming
@@ -333,7 +335,7 @@ def build_dashboard(codes: SparseCodes, d_sae: int, row_ctx: Tensor, row_pos: Te
                     tokenizer: Any, W_U: Tensor, W_dec: Tensor, *, g_codes: SparseCodes | None = None,
                     pos_labels: Tensor | None = None, pos_names: Sequence[str] | None = None,
                     other_W_dec: Tensor | None = None, other_name: str = "other arm", title: str = "SAE latents",
-                    cfg: DashboardConfig | None = None) -> Dashboard:
+                    cfg: DashboardConfig | None = None, note: str = "") -> Dashboard:
     """Everything one SAE's page shows (render it with ``render_html``).
 
     ``codes``: the sparse code of N harvested rows (shown); row r is token ``context_tokens[row_ctx[r],
@@ -342,7 +344,7 @@ def build_dashboard(codes: SparseCodes, d_sae: int, row_ctx: Tensor, row_pos: Te
     Optional: ``g_codes`` (a second encoding of the same rows, e.g. the g-encode; without it the "changed" group
     is empty),
     ``pos_labels`` [N] (tag ids, -1 = unlabelled) with ``pos_names``, ``other_W_dec`` [d_sae', d_model] (the
-    other arm's decoder, for the nearest direction)."""
+    other arm's decoder, for the nearest direction), ``note`` (a line shown under the title)."""
     cfg = cfg or DashboardConfig()
     codes = _check_codes(codes, d_sae, "codes")
     n_rows, k = codes.top_acts.shape
@@ -435,7 +437,7 @@ def build_dashboard(codes: SparseCodes, d_sae: int, row_ctx: Tensor, row_pos: Te
     token_text = {t: tokenizer.decode([t]) for t in sorted(shown_tokens)}
     live = stats.count[stats.count > 0]
     log_density = (live.double() / max(n_rows, 1)).log10().tolist()
-    return Dashboard(title, n_rows, d_sae, k, int(live.numel()), log_density, cards, token_text, other_name)
+    return Dashboard(title, n_rows, d_sae, k, int(live.numel()), log_density, cards, token_text, other_name, note)
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -588,6 +590,8 @@ def render_html(dash: Dashboard) -> str:
     overview = _svg_hist(counts, edges, width=420, height=110, xlabel="log10 firing frequency (live latents)")
     head = (f"<p>{dash.n_rows:,} harvested tokens; d_sae {dash.d_sae:,}, k {dash.k}; {dash.n_live:,} live latents "
             f"({dash.d_sae - dash.n_live:,} never fire); {len(dash.cards)} latents shown.</p>")
+    if dash.note:
+        head += f'<p class="note">{_esc(dash.note)}</p>'
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_esc(dash.title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{_esc(dash.title)}</h1>{head}<div class=\"help\">{HELP}</div>"

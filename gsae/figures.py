@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -29,6 +29,22 @@ from .steering import CONTROL_LABEL  # noqa: E402
 
 PLAIN_ENCODE_COLOR = "#1f77b4"
 """Colour of an arm's plain-encode codes when the arm also has a g-encode (which gets the arm's own colour)."""
+
+UNITS = {"delta_ce": "nats", "kl": "nats", "ce_spliced": "nats", "ce_clean": "nats", "fvu": "fraction of variance",
+         "fvu_typical": "fraction of variance", "dead_fraction": "fraction of latents",
+         "dead_fraction_train": "fraction of latents", "l0": "latents per token", "recovered_zero": "fraction",
+         "probe_auc_pos": "ROC AUC", "probe_auc_genre": "ROC AUC", "steer_kl@0.25": "nats", "steer_kl@0.5": "nats",
+         "steer_kl@1": "nats", "steer_kl": "nats"}
+"""Unit of each metric, for axis labels ("" when unknown)."""
+NONNEG = frozenset({"kl", "fvu", "fvu_typical", "dead_fraction", "dead_fraction_train", "l0", "probe_auc_pos",
+                    "probe_auc_genre", "steer_kl@0.25", "steer_kl@0.5", "steer_kl@1", "steer_kl"})
+"""Metrics that cannot be negative: their t-intervals are clipped at 0 in plots (delta_ce can be negative)."""
+
+
+def axis_label(metric: str) -> str:
+    """``metric (unit)``, or the bare name when its unit is unknown."""
+    unit = UNITS.get(metric, "")
+    return f"{metric} ({unit})" if unit else metric
 
 
 def palette() -> dict[str, str]:
@@ -68,12 +84,24 @@ def summary_table(df: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def interval(values: Sequence[float], nonneg: bool = False) -> tuple[float, float, float]:
+    """(mean, lower, upper) of the 95% t-interval over seeds (``claims.mean_t_interval``); a non-negative
+    quantity's lower bound is clipped at 0; a single value gives a zero-width interval."""
+    mean, half = mean_ci(list(values))
+    half = 0.0 if math.isnan(half) else half
+    lo = max(mean - half, 0.0) if nonneg else mean - half
+    return mean, lo, mean + half
+
+
 def plot_vs_k(df: pd.DataFrame, metrics: Sequence[str], titles: Sequence[str] | None = None,
-              logy: Sequence[bool] | None = None) -> plt.Figure:
+              logy: Sequence[bool] | None = None, nonneg: Collection[str] = NONNEG) -> plt.Figure:
     """One panel per metric: value vs L0 (= k) on a log axis, one line per arm, mean ± the 95% t-interval over
     seeds (``claims.mean_t_interval``, the interval the tables and the claims ledger use; seaborn's bootstrap
     CI is degenerate with 3 seeds). Arms at the same k are nudged apart horizontally so their bars do not hide
-    each other."""
+    each other.
+
+    For metrics in ``nonneg`` the interval is clipped at 0 (never drawn below zero). On a log y axis
+    (``logy``) a lower bound clipped to 0 runs off the bottom of the axis, which reads as "down to 0"."""
     sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     for i, m in enumerate(metrics):
@@ -81,24 +109,116 @@ def plot_vs_k(df: pd.DataFrame, metrics: Sequence[str], titles: Sequence[str] | 
         sub = df[df.metric == m]
         colors = palette()
         shown = [a for a in colors if a in set(sub.arm)] + sorted(set(sub.arm) - set(colors))
+        bounds: list[float] = []
         for j, arm in enumerate(shown):
-            stats = [(k, *mean_ci(g.value.tolist())) for k, g in sub[sub.arm == arm].groupby("k")]
+            stats = [(k, *interval(g.value.tolist(), m in nonneg)) for k, g in sub[sub.arm == arm].groupby("k")]
+            bounds += [b for t in stats for b in t[1:]]
             ks = np.array([t[0] for t in stats], dtype=float) * 2 ** (0.04 * (j - (len(shown) - 1) / 2))
-            ax.errorbar(ks, [t[1] for t in stats], yerr=[0 if math.isnan(t[2]) else t[2] for t in stats],
-                        marker="o", ms=4, capsize=3, color=colors.get(arm), label=arm)
+            means = np.array([t[1] for t in stats])
+            yerr = np.array([[t[1] - t[2] for t in stats], [t[3] - t[1] for t in stats]])
+            ax.errorbar(ks, means, yerr=yerr, marker="o", ms=4, capsize=3, color=colors.get(arm), label=arm)
         ax.legend(fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(sub.k.unique()))
         ax.set_xticklabels([str(k) for k in sorted(sub.k.unique())])
         if logy and logy[i]:
             ax.set_yscale("log")
-        ax.set_xlabel("L0 (k)")
-        ax.set_ylabel(m)
+            positive = [b for b in bounds if b > 0]
+            if positive:  # limits from the positive bounds, so a bound clipped to 0 cannot stretch the axis
+                ax.set_ylim(min(positive) / 1.25, max(positive) * 1.25)
+        ax.set_xlabel("L0 = k (latents per token)")
+        ax.set_ylabel(axis_label(m))
         ax.set_title(titles[i] if titles else m)
         if i:
             ax.get_legend().remove()
     fig.tight_layout()
     return fig
+
+
+class PairedDifferences(NamedTuple):
+    fig: plt.Figure
+    table: pd.DataFrame
+    """What is plotted, one row per (metric, k): ``n`` paired seeds, ``seeds``, ``baseline_mean`` (the baseline's
+    mean over those seeds, in the metric's units), ``rel_diff_pct`` (per seed, (treatment - baseline) /
+    baseline_mean x 100), ``mean_pct`` and the 95% t-interval ``lo_pct`` .. ``hi_pct`` of those differences."""
+
+
+def paired_difference_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str], baseline: str, treatment: str,
+                            encode_mode: str, baseline_encode_mode: str | None = None,
+                            variant: str = "primary") -> pd.DataFrame:
+    """Per metric and k, the seed-paired relative differences of ``treatment``'s codes under ``encode_mode``
+    against ``baseline``'s (metrics.jsonl rows; see ``PairedDifferences.table``). The baseline uses
+    ``baseline_encode_mode``, by default ``encode_mode`` if the baseline reports it, else its first encoder."""
+    base_arm = arms.get(baseline)
+    if baseline_encode_mode is None:
+        modes = base_arm.encode_modes()
+        baseline_encode_mode = encode_mode if encode_mode in modes else modes[0]
+    if encode_mode not in arms.get(treatment).encode_modes():
+        raise ValueError(f"arm {treatment!r} reports encoders {arms.get(treatment).encode_modes()}, not "
+                         f"{encode_mode!r}")
+
+    def values(arm: str, mode: str, metric: str) -> dict[int, dict[int, float]]:
+        out: dict[int, dict[int, float]] = {}
+        for r in rows:
+            if r["variant"] == variant and r["arm"] == arm and r["encode_mode"] == mode and metric in r["metrics"]:
+                out.setdefault(r["k"], {})[r["seed"]] = float(r["metrics"][metric])
+        return out
+
+    table = []
+    for m in metrics:
+        b, t = values(baseline, baseline_encode_mode, m), values(treatment, encode_mode, m)
+        for k in sorted(set(b) & set(t)):
+            seeds = sorted(set(b[k]) & set(t[k]))
+            if not seeds:
+                continue
+            base_mean = float(np.mean([b[k][s] for s in seeds]))
+            rel = [100 * (t[k][s] - b[k][s]) / base_mean for s in seeds]
+            mean, lo, hi = interval(rel)
+            table.append({"metric": m, "k": k, "n": len(seeds), "seeds": seeds, "baseline_mean": base_mean,
+                          "rel_diff_pct": rel, "mean_pct": mean, "lo_pct": lo, "hi_pct": hi})
+    if not table:
+        raise ValueError(f"no seed-paired rows of {baseline!r} ({baseline_encode_mode}) and {treatment!r} "
+                         f"({encode_mode}) for {list(metrics)} in variant {variant!r}")
+    return pd.DataFrame(table)
+
+
+def plot_paired_differences(rows: Sequence[dict[str, Any]], metric: str | Sequence[str], baseline: str,
+                            treatment: str, encode_mode: str, min_rel_effect: float, *,
+                            baseline_encode_mode: str | None = None, variant: str = "primary",
+                            better: dict[str, str] | None = None) -> PairedDifferences:
+    """One panel per metric: per k, the seed-paired relative difference (treatment - baseline) / mean(baseline)
+    in %, each seed as a grey dot and their mean with its 95% t-interval; a shaded band at ± ``min_rel_effect``
+    (a fraction: 0.05 draws ±5%) and a line at zero. ``better`` maps a metric to "lower" / "higher" for the
+    title. Returns the figure and the plotted numbers (``PairedDifferences.table``)."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    table = paired_difference_table(rows, metrics, baseline, treatment, encode_mode, baseline_encode_mode, variant)
+    sns.set_theme(style="whitegrid", context="notebook")
+    t_arm, b_arm = arms.get(treatment), arms.get(baseline)
+    t_label, b_label = t_arm.label_for(encode_mode), b_arm.label
+    color = palette().get(t_label, t_arm.color)
+    band = 100 * min_rel_effect
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.9), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        sub = table[table.metric == m]
+        ks = sub.k.to_numpy(dtype=float)
+        ax.axhspan(-band, band, color="0.88", zorder=0, label=f"±{band:g}% minimum effect")
+        ax.axhline(0, color="0.3", lw=1)
+        for k, rel in zip(ks, sub.rel_diff_pct, strict=True):
+            ax.plot([k] * len(rel), rel, "o", ms=3.5, color="0.55", zorder=2)
+        ax.errorbar(ks, sub.mean_pct, yerr=[sub.mean_pct - sub.lo_pct, sub.hi_pct - sub.mean_pct], fmt="o", ms=6,
+                    capsize=4, color=color, zorder=3, label=f"mean, 95% t-interval over {int(sub.n.max())} seeds")
+        ax.plot([], [], "o", ms=3.5, color="0.55", label="one seed")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(int(k)) for k in ks])
+        ax.set_xlabel("L0 = k (latents per token)")
+        ax.set_ylabel(f"({t_label} − {b_label}) / mean {b_label} (%)")
+        direction = (better or {}).get(m)
+        title = f"{m}: paired difference" + (f" ({direction} is better)" if direction else "")
+        ax.set_title(title, fontsize=11)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return PairedDifferences(fig, table)
 
 
 def plot_hyperparameter_ablation(selection: dict[str, Any], baseline: str, arm: str, hp: str = "beta",
@@ -123,6 +243,8 @@ def plot_hyperparameter_ablation(selection: dict[str, Any], baseline: str, arm: 
             ax.plot([check["beyond"]], [check["metrics"][m]], marker="o", mfc="none", ls="none",
                     color=treated.color, label="beyond the grid (not registered)")
         ax.set_xscale("log")
+        ax.set_xlabel(f"{hp} (dimensionless)" if hp == "beta" else hp)
+        ax.set_ylabel(axis_label(m))
         ax.set_title(f"{m} on validation, k = {selection['k']}")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -137,7 +259,8 @@ def plot_frequency_histogram(freqs: dict[str, np.ndarray]) -> plt.Figure:
         live = f[f > 0]
         sns.histplot(np.log10(live), bins=40, element="step", fill=False, ax=ax, color=palette().get(label),
                      label=f"{label} ({(f == 0).sum()} dead)")
-    ax.set_xlabel("log10 firing frequency on the test split")
+    ax.set_xlabel("log10 firing frequency (fraction of test tokens)")
+    ax.set_ylabel("latents (count)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -152,7 +275,8 @@ def plot_steering(df: pd.DataFrame, metric: str = "kl") -> plt.Figure:
         sub = df[(df.alpha == a) & (df.metric == metric)]
         sns.boxplot(data=sub, x="k", y="value", hue="arm", ax=ax, palette=palette(), fliersize=1.5)
         ax.set_title(f"alpha = {a:g} x median ||x||")
-        ax.set_ylabel(metric)
+        ax.set_xlabel("k (latents per token)")
+        ax.set_ylabel("KL(clean ‖ steered) (nats)" if metric == "kl" else axis_label(metric))
         if metric == "kl":
             ax.set_yscale("log")
         if ax is not axes[0][0]:
@@ -171,6 +295,12 @@ def save_figure(fig: plt.Figure, path: str | Path, provenance: dict[str, Any]) -
     path = Path(path)
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+    return record_provenance(path, provenance)
+
+
+def record_provenance(path: str | Path, provenance: dict[str, Any]) -> Path:
+    """Enter ``provenance`` for the file ``path`` in its folder's provenance.json (keyed by file name)."""
+    path = Path(path)
     prov_path = path.parent / "provenance.json"
     prov = io.read_json(prov_path) if prov_path.exists() else {}
     prov[path.name] = provenance

@@ -6,11 +6,14 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from gsae.config import load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "smoke"
@@ -63,8 +66,19 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
     assert sel["beta"] > 0 and sel["lr"] > 0
     prov = json.loads((RESULTS / "provenance.json").read_text())
     assert prov["git"]["commit"] and prov["data"]["split_hash"] and prov["packages"]["torch"].startswith("2.13")
-    for fig in ("selection.png", "fidelity_delta_ce_kl.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
+    for fig in ("selection.png", "fidelity_delta_ce_kl.png", "paired_delta_ce_kl.png", "fvu_dead.png",
+                "steering_kl.png", "probing.png"):
         assert (RESULTS / "figures" / fig).stat().st_size > 1000, fig
+    exp = load_profile("smoke").experiment
+    k, seed = exp.beta_select_k, exp.seeds[0]
+    for arm in ("topk", "gsae"):  # notebook 05: a dashboard page and a released SAE per arm
+        page = (RESULTS / "dashboards" / f"{arm}-k{k}-s{seed}.html").read_text()
+        assert page.count('<section class="latent"') >= 64, arm
+        if shutil.which("chromium"):
+            assert (RESULTS / "figures" / f"dashboard_{arm}-k{k}-s{seed}.png").stat().st_size > 10_000, arm
+        cfg = json.loads((ROOT / "saes" / "smoke" / f"{arm}-k{k}-s{seed}" / "cfg.json").read_text())
+        assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_pre" and cfg["metadata"]["release"]
+    assert json.loads((ROOT / "saes" / "smoke" / "release.json").read_text())["test_rows"] > 0
     assert (RESULTS / "SENSITIVITY.md").exists()
     registry = (RESULTS / "runs.jsonl").read_text().splitlines()
     assert any('"train_done"' in line for line in registry)

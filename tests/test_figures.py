@@ -1,0 +1,118 @@
+"""Figures: the plotted numbers against hand computations, intervals of non-negative metrics never below zero,
+units on the axes."""
+
+import math
+import statistics
+
+import matplotlib
+import pandas as pd
+import pytest
+
+from gsae import figures as gf
+
+matplotlib.use("Agg")
+
+T_975_DF2 = 4.302652729749464  # Student t quantile 0.975 with 2 degrees of freedom (printed tables)
+T_975_DF1 = 12.706204736174707
+
+
+def row(arm, mode, k, seed, **metrics):
+    return {"variant": "primary", "arm": arm, "encode_mode": mode, "k": k, "seed": seed, "beta": 0.0,
+            "split": "test", "sae": f"primary/{arm}-k{k}-s{seed}", "metrics": metrics}
+
+
+def rows_fixture():
+    base = {8: [1.0, 1.2, 1.1], 16: [0.5, 0.6, 0.4]}
+    plain = {8: [0.9, 1.0, 1.2], 16: [0.45, 0.6, 0.42]}
+    g = {8: [0.8, 0.8, 0.8], 16: [0.4, 0.4, 0.4]}
+    out = []
+    for k in base:
+        for s in range(3):
+            out += [row("topk", m, k, s, delta_ce=base[k][s], kl=2 * base[k][s]) for m in ("g", "plain")]
+            out.append(row("gsae", "plain", k, s, delta_ce=plain[k][s], kl=2 * plain[k][s]))
+            out.append(row("gsae", "g", k, s, delta_ce=g[k][s], kl=2 * g[k][s]))
+    out.append(row("gsae", "plain", 32, 0, delta_ce=0.3, kl=0.6))  # no TopK partner: must be left out
+    return out
+
+
+def hand(base, treat):
+    """Mean and 95% t-interval of the per-seed differences in % of the baseline's mean, by hand."""
+    b_mean = sum(base) / len(base)
+    rel = [100 * (t - b) / b_mean for b, t in zip(base, treat, strict=True)]
+    mean = sum(rel) / len(rel)
+    half = T_975_DF2 * statistics.stdev(rel) / math.sqrt(len(rel))
+    return rel, mean, mean - half, mean + half
+
+
+def test_paired_differences_match_a_hand_computation_and_the_plot_shows_them():
+    out = gf.plot_paired_differences(rows_fixture(), ["delta_ce", "kl"], "topk", "gsae", "plain", 0.05,
+                                     better={"delta_ce": "lower"})
+    t = out.table
+    assert list(zip(t.metric, t.k, strict=True)) == [("delta_ce", 8), ("delta_ce", 16), ("kl", 8), ("kl", 16)]
+    rel, mean, lo, hi = hand([1.0, 1.2, 1.1], [0.9, 1.0, 1.2])
+    r = t.iloc[0]
+    assert r.n == 3 and r.baseline_mean == pytest.approx(1.1)
+    assert r.rel_diff_pct == pytest.approx(rel) and rel[0] == pytest.approx(-100 / 11)
+    assert (r.mean_pct, r.lo_pct, r.hi_pct) == pytest.approx((mean, lo, hi))
+    assert r.lo_pct < 0 < r.hi_pct  # a relative difference is not clipped: it may be negative
+    # kl = 2 x delta_ce in both arms: a relative difference does not see the factor
+    assert t.iloc[2][["mean_pct", "lo_pct", "hi_pct"]].tolist() == pytest.approx([mean, lo, hi])
+    rel16, mean16, lo16, hi16 = hand([0.5, 0.6, 0.4], [0.45, 0.6, 0.42])
+    assert (t.iloc[1].mean_pct, t.iloc[1].lo_pct, t.iloc[1].hi_pct) == pytest.approx((mean16, lo16, hi16))
+
+    ax = out.fig.axes[0]
+    err = ax.containers[0]
+    assert list(err.lines[0].get_ydata()) == pytest.approx([mean, mean16])
+    segments = err.lines[2][0].get_segments()
+    assert [y for s in segments for y in (s[0][1], s[1][1])] == pytest.approx([lo, hi, lo16, hi16])
+    band = ax.patches[0]  # axhspan: a Rectangle from -5% to +5% in data units
+    assert (band.get_y(), band.get_y() + band.get_height()) == pytest.approx((-5.0, 5.0))
+    assert "(%)" in ax.get_ylabel() and "TopK" in ax.get_ylabel() and "plain-encode" in ax.get_ylabel()
+    assert ax.get_title() == "delta_ce: paired difference (lower is better)"
+    assert ax.get_xlabel().startswith("L0")
+
+
+def test_paired_differences_pair_only_common_seeds_and_say_when_nothing_pairs():
+    rows = [r for r in rows_fixture() if not (r["arm"] == "gsae" and r["seed"] == 2)]
+    t = gf.paired_difference_table(rows, ["delta_ce"], "topk", "gsae", "g")
+    r = t.iloc[0]
+    assert r.seeds == [0, 1] and r.baseline_mean == pytest.approx(1.1)
+    rel = [100 * (0.8 - 1.0) / 1.1, 100 * (0.8 - 1.2) / 1.1]
+    half = T_975_DF1 * statistics.stdev(rel) / math.sqrt(2)
+    assert (r.mean_pct, r.lo_pct, r.hi_pct) == pytest.approx((sum(rel) / 2, sum(rel) / 2 - half, sum(rel) / 2 + half))
+    with pytest.raises(ValueError, match="no seed-paired rows"):
+        gf.paired_difference_table(rows, ["fvu"], "topk", "gsae", "g")
+    with pytest.raises(ValueError, match="reports encoders"):
+        gf.paired_difference_table(rows, ["delta_ce"], "gsae", "topk", "g")
+
+
+def vs_k_frame(values):
+    return pd.DataFrame([{"arm": "TopK", "k": k, "seed": s, "metric": m, "value": v}
+                         for m in ("kl", "delta_ce") for k in (8, 16) for s, v in enumerate(values)])
+
+
+def test_plot_vs_k_never_draws_a_nonnegative_metric_below_zero_and_labels_units():
+    values = [0.01, 0.02, 0.5]  # mean 0.177, half-width 0.69: the raw interval reaches -0.51
+    mean = sum(values) / 3
+    half = T_975_DF2 * statistics.stdev(values) / math.sqrt(3)
+    fig = gf.plot_vs_k(vs_k_frame(values), ["kl", "delta_ce"])
+    lows = {}
+    for ax in fig.axes:
+        seg = ax.containers[0].lines[2][0].get_segments()
+        lows[ax.get_ylabel()] = [s[0][1] for s in seg]
+        assert [s[1][1] for s in seg] == pytest.approx([mean + half] * 2)
+    assert lows["kl (nats)"] == [0.0, 0.0]
+    assert lows["delta_ce (nats)"] == pytest.approx([mean - half] * 2)  # delta_ce may be negative: not clipped
+    assert fig.axes[0].get_xlabel() == "L0 = k (latents per token)"
+
+
+def test_plot_vs_k_on_a_log_axis_keeps_its_limits_on_the_positive_bounds():
+    values = [0.01, 0.02, 0.5]
+    fig = gf.plot_vs_k(vs_k_frame(values), ["kl"], logy=[True])
+    lo, hi = fig.axes[0].get_ylim()
+    half = T_975_DF2 * statistics.stdev(values) / math.sqrt(3)
+    assert lo == pytest.approx(sum(values) / 3 / 1.25) and hi == pytest.approx((sum(values) / 3 + half) * 1.25)
+
+
+def test_interval_of_one_value_is_a_point():
+    assert gf.interval([0.3], nonneg=True) == (0.3, 0.3, 0.3)
