@@ -89,7 +89,9 @@ def write_provenance(p: Profile, lm) -> dict[str, Any]:
 
     mh = lm.info["model_hash"]
     cm = contexts_manifest(p, mh)
-    prov = io.provenance(profile=p.to_dict(), seeds=list(p.experiment.seeds), model=lm.info,
+    from .models import public_info
+
+    prov = io.provenance(profile=p.to_dict(), seeds=list(p.experiment.seeds), model=public_info(lm.info),
                          data={"split_hash": cm["split_hash"], "data_hash": cm["data_hash"], "counts": cm["counts"]},
                          harvest={s: reader(p, s, mh).manifest.get("plan_hash") for s in SPLITS})
     io.write_json(results_dir(p) / "provenance.json", prov)

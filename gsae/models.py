@@ -56,6 +56,15 @@ class LoadedModel(NamedTuple):
     """name, n_layers, d_model, d_vocab, n_ctx, n_params, model_hash and per-model extras (JSON-able)."""
 
 
+MACHINE_SPECIFIC_INFO = ("cache",)
+"""``LoadedModel.info`` keys that hold this machine's paths: never written into committed files."""
+
+
+def public_info(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` without machine-specific paths (for provenance and other committed files)."""
+    return {k: v for k, v in info.items() if k not in MACHINE_SPECIFIC_INFO}
+
+
 def load_model(name: str, *, cache_dir: str | Path, **kw: Any) -> LoadedModel:
     """Load LM ``name`` ("smollm2-135m", "tiny" or "gpt2"); ``kw`` go to the model's own loader
     (``load_smollm2``, ``load_tiny``, ``load_gpt2``). ``cache_dir`` holds converted / trained weights."""

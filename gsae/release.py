@@ -212,13 +212,11 @@ def write_release(arm: Any, sae: nn.Module, path: str | Path, x: Tensor, g: Tens
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
-MACHINE_SPECIFIC = ("cache",)
-"""``lm.info`` keys that hold this machine's paths: never written into committed files."""
-
-
 def model_info(lm: Any) -> dict[str, Any]:
     """``lm.info`` without machine-specific paths (for files that are committed)."""
-    return {k: v for k, v in lm.info.items() if k not in MACHINE_SPECIFIC}
+    from .models import public_info
+
+    return public_info(lm.info)
 
 
 def release_metadata(p: Any, lm: Any, spec: Any, name: str) -> dict[str, Any]:
