@@ -75,7 +75,6 @@ def tiny_lm() -> HookedTransformer:
 
 
 def test_a_registered_arm_runs_train_save_saelens_load_evaluate(l1_arm, tmp_path):
-    torch.set_num_threads(1)
     model = tiny_lm()
     tokens = torch.randint(0, 50, (24, 16), generator=torch.Generator().manual_seed(1))
     cap = capture(model, tokens, HOOK)

@@ -105,8 +105,11 @@ def test_smoke_metrics_are_bit_identical_to_the_record_made_before_the_refactor(
     for bit only on the same kind of CPU kernels and thread count (README, "What reproduces"), so the check runs
     where those match the record and is skipped, saying why, elsewhere."""
     rec = json.loads(PRE_REFACTOR.read_text())
+    threads = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c",  # what the smoke run's processes use
+                              "import torch; print(torch.get_num_threads())"], capture_output=True, text=True,
+                             check=True).stdout
     here = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": int(threads)}
     if any(here[k] != rec[k] for k in here):
         pytest.skip(f"recorded on {[rec[k] for k in here]}, this machine is {list(here.values())}")
     rows = [json.loads(line) for line in (RESULTS / "metrics.jsonl").read_text().splitlines()]
