@@ -312,7 +312,8 @@ def tiny_random_lm():
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
     return HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64,
-                                                     d_vocab=100, n_ctx=64, act_fn="gelu", normalization_type="LN"))
+                                                     d_vocab=100, n_ctx=64, act_fn="gelu", normalization_type="LN",
+                                                     device="cpu"))
 
 
 def load_bench_model(name: str) -> tuple[Any, str]:

@@ -25,7 +25,8 @@ Interpretation choices (PREREG leaves them implicit):
   significantly worse; with exactly one pair its point estimate still counts for "contradicted" / "below
   margin", because those rules are stated on the mean difference alone.
 * Holm counts every k of the grid in the family, including a k without a test (conservative).
-* A claim x variant with no paired value at any k is "not tested".
+* A claim x variant with no paired value at any k is "not tested"; "not measured" when no row of metrics.jsonl
+  holds its metric at all (e.g. POS probing on a corpus without POS tags, such as OpenWebText).
 * Robustness: "robust" if every applicable variant gives the primary verdict; "fragile" if a tested variant
   gives another one; "incomplete" if none disagrees but some variant has not been run (not tested).
   The README says plain "replicated" only for a robust replication.
@@ -48,7 +49,9 @@ from . import arms
 from .config import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-VERDICTS = ("replicated", "not replicated", "inconclusive", "not tested")
+VERDICTS = ("replicated", "not replicated", "inconclusive", "not tested", "not measured")
+UNTESTED = ("not tested", "not measured")
+"""Verdicts without a test: no paired values, or (not measured) no value of the metric anywhere."""
 BASELINE, TREATMENT = ExperimentConfig.__dataclass_fields__["arms"].default[:2]
 """The arms every claim compares (treatment - baseline): the profile default's first two."""
 MINUS = "\u2212"
@@ -355,7 +358,8 @@ def evaluate_claim(prereg: dict[str, Any], cid: str, variant: str, index: dict, 
     n_con = sum(r.contradicted for r in per_k)
     n_worse = sum(r.worse for r in per_k)
     if n == 0 or all(r.stats.n == 0 for r in per_k):
-        verdict = "not tested"
+        measured = any(metric in m for per_seed in index.values() for m in per_seed.values())
+        verdict = "not tested" if measured else "not measured"
     elif n_worse > 0 or n_con >= need_not:
         verdict = "not replicated"
     elif n_sup >= need_rep:
@@ -422,11 +426,11 @@ def sensitivity(prereg: dict[str, Any], rows: list[dict[str, Any]], k_grid: list
         vs = tuple(evaluate_claim(prereg, pv.claim, v["name"], index, _variant_k_grid(v["name"], index, grid))
                    for v in prereg.get("variants", []) or [] if pv.claim in v.get("claims", []))
         vacuous = tuple(v.variant for v in vs if v.variant in same)
-        untested = tuple(v.variant for v in vs if v.verdict == "not tested" and v.variant not in same)
-        disagreeing = tuple(v.variant for v in vs if v.verdict not in ("not tested", pv.verdict)
+        untested = tuple(v.variant for v in vs if v.verdict in UNTESTED and v.variant not in same)
+        disagreeing = tuple(v.variant for v in vs if v.verdict not in (*UNTESTED, pv.verdict)
                             and v.variant not in same)
-        if pv.verdict == "not tested":
-            label = "not tested"
+        if pv.verdict in UNTESTED:
+            label = pv.verdict
         elif disagreeing:
             label = "fragile"
         elif untested:

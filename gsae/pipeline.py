@@ -2,13 +2,20 @@
 
 COMMAND is a stage (``gsae.stages.ORDER``: contexts, harvest, train, evaluate, steer, probe, claims), run with
 the same function its notebook calls, or one of ``check`` (fail fast on what would break a run: config, model
-availability, disk), ``clean`` (``--force``: drop the profile's stage outputs) and ``summary`` (where things
-are). run_all.sh uses check / clean / summary and runs the stages through the notebooks.
+availability, disk; with ``--dry-run`` also the projected disk, memory and time of every stage, ``gsae.projection``),
+``clean`` (``--force``: drop the profile's stage outputs) and ``summary`` (where things are). run_all.sh uses
+check / clean / summary and runs the stages through the notebooks.
+
+Several processes: ``torchrun --nproc_per_node=N -m gsae.pipeline STAGE --profile P`` (``harvest`` shards the
+harvest by rank, ``train`` spreads the SAE grid; README, "Scaling up"). ``--device`` overrides
+``runtime.device``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import shutil
 import sys
 import traceback
@@ -66,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("check", "clean", "summary") + ORDER)
     ap.add_argument("--profile", default="default")
     ap.add_argument("--dry-run", action="store_true", help="check only: validate without needing the model/GPU")
+    ap.add_argument("--device", help="override runtime.device: auto, cpu, cuda or cuda:N")
     a = ap.parse_args(argv)
     try:
         p = load_profile(a.profile)
+        if a.device:
+            p = dataclasses.replace(p, runtime=dataclasses.replace(p.runtime, device=a.device))
         if a.command == "check":
             for line in check(p, a.dry_run):
                 print(line)
@@ -77,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         elif a.command == "summary":
             print(summary(p))
         else:
-            from . import stages
+            from . import distributed, stages
 
-            stages.run(a.command, p)
+            dist = distributed.init(timeout=datetime.timedelta(hours=p.runtime.timeout_hours))
+            try:
+                stages.run(a.command, p, progress=dist.rank == 0)
+            finally:
+                distributed.shutdown()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

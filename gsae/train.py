@@ -25,6 +25,7 @@ import torch
 from . import arms, io
 from .config import SAEConfig, TrainConfig
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
+from .runtime import to_device
 
 CKPT_TENSORS = "checkpoint.safetensors"
 CKPT_STATE = "checkpoint.json"
@@ -74,6 +75,7 @@ def save_checkpoint(ckpt_dir: Path, sae: torch.nn.Module, opt: torch.optim.Adam,
     tensors = {f"sae.{k}": v.detach() for k, v in params.items()}
     tensors.update(_adam_tensors(opt, params))
     tensors["tokens_since_fired"] = tsf
+    tensors = {k: v.cpu() for k, v in tensors.items()}  # a checkpoint resumes on any device
     # Tensors first, then the JSON that names their hash: a crash between the two leaves the previous
     # JSON pointing at a hash that no longer matches, so the checkpoint is ignored, never half-trusted.
     digest = io.save_tensors(ckpt_dir / CKPT_TENSORS, tensors)
@@ -93,11 +95,11 @@ def load_checkpoint(ckpt_dir: Path, sae: torch.nn.Module,
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(t[f"sae.{name}"])
-            if f"adam.{name}.exp_avg" in t:
-                opt.state[p] = {"step": t[f"adam.{name}.step"].reshape(()).clone(),
-                                "exp_avg": t[f"adam.{name}.exp_avg"].clone(),
-                                "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].clone()}
-    return state["step"], t["tokens_since_fired"].clone(), state["history"]
+            if f"adam.{name}.exp_avg" in t:  # fused Adam keeps its step counter on the parameter's device
+                opt.state[p] = {"step": t[f"adam.{name}.step"].reshape(()).to(p.device, copy=True),
+                                "exp_avg": t[f"adam.{name}.exp_avg"].to(p.device, copy=True),
+                                "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].to(p.device, copy=True)}
+    return state["step"], t["tokens_since_fired"].to(params["W_dec"].device, copy=True), state["history"]
 
 
 def _all_finite(sae: torch.nn.Module, loss: torch.Tensor) -> bool:
@@ -116,19 +118,23 @@ def train_sae(
     progress: bool = True,
     desc: str = "train",
     log_every: int = 10,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train one SAE of ``arm`` (an ``Arm`` or its registered name) on ``batches`` (an iterable, or a
     zero-argument callable returning an iterator, of (x [N, d_in], g [N, d_in]) float32 batches of
     ``cfg.batch_size`` rows; x alone is accepted when the arm ignores g).
 
     The number of steps is ``cfg.tokens // cfg.batch_size``. With ``ckpt_dir``, training resumes from
-    the latest valid checkpoint there (skipping the batches already consumed)."""
+    the latest valid checkpoint there (skipping the batches already consumed). ``device`` (default CPU): where
+    the SAE, its optimiser state and counters live; the weights are initialised on the CPU with the seed and
+    then moved, so every device starts from the same bits; batches are moved there as they arrive."""
     arm = arms.get(arm) if isinstance(arm, str) else arm
+    device = torch.device(device or "cpu")
     n_steps = cfg.tokens // cfg.batch_size
-    sae = arm.build(sae_cfg, seed=cfg.seed)
+    sae = arm.build(sae_cfg, seed=cfg.seed).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
     k_aux = cfg.k_aux or sae_cfg.d_in // 2
-    tsf = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
+    tsf = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
     history: list[dict] = []
     start = 0
     ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
@@ -150,6 +156,7 @@ def train_sae(
         if step < start:
             continue  # replaying the deterministic stream up to the checkpoint
         x, g = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+        x, g = to_device(x, device), None if g is None else to_device(g, device)
         if step == 0:
             sae.init_b_dec(x)
         dead = tsf >= cfg.dead_tokens
@@ -169,7 +176,7 @@ def train_sae(
         sae.set_decoder_norm_to_unit()
 
         with torch.no_grad():
-            fired = torch.zeros(sae_cfg.d_sae, dtype=torch.bool)
+            fired = torch.zeros(sae_cfg.d_sae, dtype=torch.bool, device=device)
             fired[out.top_indices[out.top_acts > 0]] = True
             tsf += x.shape[0]
             tsf[fired] = 0

@@ -28,7 +28,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 def tiny_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTransformer:
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=100, n_ctx=32,
-                                  act_fn="gelu", normalization_type="LN", dtype=dtype, seed=seed)
+                                  act_fn="gelu", normalization_type="LN", dtype=dtype, seed=seed, device="cpu")
     return HookedTransformer(cfg)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from .. import io, steering
 from ..config import Profile
+from ..runtime import module_device
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
 from .evaluate import eval_tokens, firing_counts
 
@@ -36,12 +37,12 @@ def run_steering(p: Profile, lm, specs: list[SAESpec], progress: bool = True) ->
     todo = [s for s in specs if not (sae_dir(p, s, mh) / name).exists()]
     if todo:
         tokens, rd = eval_tokens(p, lm, "test")
-        x_norm = steering.median_activation_norm(rd.load_all().x)
+        x_norm = rd.statistics().median_norm  # streamed when the split is large
         alphas_rel = list(cfg.alphas)
         ctx_idx = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))[:cfg.n_contexts]
         ctx = tokens[ctx_idx]
         for s in todo:
-            sae = load_trained(p, s, mh)
+            sae = load_trained(p, s, mh, module_device(lm.model))
             ids = steering.sample_live_latents(firing_counts(p, lm, s)[s.primary_encode], cfg.n_latents, seed=0)
             dirs = sae.W_dec.detach()[ids]
             top = steering.promoted_tokens(lm.model, dirs, cfg.top_tokens)

@@ -1,5 +1,11 @@
 """Stage ``train``: selection on the validation split (PREREG §3), its grid-edge check, then every SAE of the
-grid (``gsae.specs``), each resumable from checkpoints and saved in SAELens format."""
+grid (``gsae.specs``), each resumable from checkpoints and saved in SAELens format.
+
+Under ``torchrun --nproc_per_node=N -m gsae.pipeline train --profile P`` the SAEs are independent jobs spread over
+the ranks (``train_specs``): the selection trials of each round round-robin, the grid by seed
+(``distributed.assign_groups``); rank 0 evaluates each selection round while the others wait, and every rank
+then reads the same evaluation files, so all ranks derive the same chosen hyperparameters and the same grid. An
+SAE's bytes do not depend on which rank trained it; a relaunch after a killed rank resumes from checkpoints."""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import dataclasses
 import shutil
 from typing import Any
 
-from .. import arms, io
+from .. import arms, distributed, io
 from ..config import Profile
 from ..paths import registry_append, results_dir
 from ..progress import bar
@@ -15,8 +21,9 @@ from ..specs import SAESpec, baseline_arm, experiment_specs, sae_config, sae_dir
 from .harvest import reader
 
 
-def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress: bool = True):
-    """Train (or resume, or skip) one SAE; saved in SAELens format under ``sae_dir(...)/sae``."""
+def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress: bool = True, device=None):
+    """Train (or resume, or skip) one SAE on ``device`` (default CPU); saved in SAELens format under
+    ``sae_dir(...)/sae``."""
     from ..saelens import save_sae
     from ..train import TrainingDiverged, train_sae
 
@@ -26,10 +33,11 @@ def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress
     registry_append(p, {"event": "train_start", "sae": spec.name, "sae_cfg": dataclasses.asdict(spec.sae),
                         "train_cfg": dataclasses.asdict(spec.train)})
     n = (spec.train.tokens // spec.train.batch_size) * spec.train.batch_size
-    stream = lambda: train_reader.batches(spec.train.batch_size, seed=spec.train.seed, n_tokens=n)  # noqa: E731
+    stream = lambda: train_reader.batches(spec.train.batch_size, seed=spec.train.seed, n_tokens=n,  # noqa: E731
+                                          device=device)
     try:
         res = train_sae(spec.arm_impl, spec.sae, spec.train, stream, ckpt_dir=out / "ckpt", progress=progress,
-                        desc=spec.name)
+                        desc=spec.name, device=device)
     except TrainingDiverged as e:
         registry_append(p, {"event": "train_diverged", "sae": spec.name, "error": str(e)})
         raise
@@ -55,6 +63,30 @@ def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress
     return out
 
 
+def train_specs(p: Profile, lm, specs: list[SAESpec], train_reader, progress: bool = True, *,
+                by_seed: bool = False) -> None:
+    """Train ``specs``, each rank of a torchrun launch its share (all of them at world size 1, in order), then
+    wait for every rank. ``by_seed`` keeps the SAEs of one seed on one rank (``distributed.assign_groups``);
+    otherwise the jobs go round robin."""
+    from ..runtime import module_device
+
+    d = distributed.current()
+    mine = (distributed.assign_groups(specs, lambda s: s.train.seed, d.rank, d.world_size) if by_seed
+            else distributed.assign(specs, d.rank, d.world_size))
+    device, mh = module_device(lm.model), lm.info["model_hash"]
+    for s in bar(mine, desc="SAEs", unit="SAE", disable=not progress or len(mine) < 2):
+        train_one(p, s, train_reader, mh, progress, device)
+    distributed.barrier()
+
+
+def _evaluate_on_main(p: Profile, lm, specs: list[SAESpec], progress: bool) -> dict[str, dict[str, Any]]:
+    """Validation metrics of ``specs``: rank 0 computes them; the other ranks wait, then read its files."""
+    from .evaluate import evaluate_specs
+
+    with distributed.main_first():
+        return evaluate_specs(p, lm, specs, "val", progress and distributed.is_main())
+
+
 def _trial_metrics(ev: dict, spec: SAESpec) -> dict[str, Any]:
     return ev[spec.name]["metrics"][spec.primary_encode]
 
@@ -62,8 +94,6 @@ def _trial_metrics(ev: dict, spec: SAESpec) -> dict[str, Any]:
 def run_selection(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     """PREREG §3: lr trials on the baseline arm, then each other arm's own hyperparameter trials at the chosen lr,
     judged by validation delta_ce (each arm with the encoder it is meant for)."""
-    from .evaluate import evaluate_specs
-
     out_path = results_dir(p) / "selection.json"
     if out_path.exists():
         return io.read_json(out_path)
@@ -71,15 +101,13 @@ def run_selection(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     train_rd = reader(p, "train", mh)
     d_in, gs = train_rd.d, train_rd.manifest["grad_stats"]["grad_scale"]
     lr_specs = selection_specs(p, d_in, gs)
-    for s in lr_specs:
-        train_one(p, s, train_rd, mh, progress)
-    lr_eval = evaluate_specs(p, lm, lr_specs, "val", progress)
+    train_specs(p, lm, lr_specs, train_rd, progress)
+    lr_eval = _evaluate_on_main(p, lm, lr_specs, progress)
     lr_scores = {s.train.lr: _trial_metrics(lr_eval, s)["delta_ce"] for s in lr_specs}
     lr = min(lr_scores, key=lr_scores.get)
     hp_specs = selection_specs(p, d_in, gs, lr=lr)
-    for s in hp_specs:
-        train_one(p, s, train_rd, mh, progress)
-    hp_eval = evaluate_specs(p, lm, hp_specs, "val", progress)
+    train_specs(p, lm, hp_specs, train_rd, progress)
+    hp_eval = _evaluate_on_main(p, lm, hp_specs, progress)
     trials = [{"arm": s.arm, "lr": s.train.lr, "beta": s.sae.beta, **_trial_metrics(lr_eval, s)} for s in lr_specs]
     trials += [{"arm": s.arm, "lr": lr, "beta": s.sae.beta, "encode_mode": m, **hp_eval[s.name]["metrics"][m]}
                for s in hp_specs for m in ("g", "plain")]
@@ -92,8 +120,10 @@ def run_selection(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     sel.update({"k": p.experiment.beta_select_k, "seed": p.experiment.beta_select_seed, "split": "val",
                 "objective": "delta_ce (g-encode for the g-SAE)", "grad_scale": gs, "lr_trials": lr_scores,
                 "trials": trials, "provenance": io.provenance(profile=p.to_dict())})
-    io.write_json(out_path, sel)
-    registry_append(p, {"event": "selection_done", "lr": lr, **chosen_hyperparameters(p, sel)})
+    if distributed.is_main():
+        io.write_json(out_path, sel)
+        registry_append(p, {"event": "selection_done", "lr": lr, **chosen_hyperparameters(p, sel)})
+    distributed.barrier()
     return sel
 
 
@@ -110,8 +140,6 @@ def selection_edge_check(p: Profile, lm, progress: bool = True) -> dict[str, Any
     registered choice whatever this finds. It answers whether the choice is an optimum or a limit of the grid:
     ``would_move`` is True when the trial beyond the edge scores better on the selection objective. The step
     is the grid's own ratio at that edge (lr: last / second-to-last multiplier; beta: first / second value)."""
-    from .evaluate import evaluate_specs
-
     out_path = results_dir(p) / "selection_edges.json"
     if out_path.exists():
         return io.read_json(out_path)
@@ -135,9 +163,8 @@ def selection_edge_check(p: Profile, lm, progress: bool = True) -> dict[str, Any
             spec = SAESpec("selection", arm, k, seed, sae_config(p, arm, d_in, k, gs, **{**hps, name: beyond}),
                            dataclasses.replace(p.train, seed=seed, lr=sel["lr"]), f"edge-{name}{beyond:.3g}")
         trials.append((name, chosen, beyond, spec))
-    for *_, spec in trials:
-        train_one(p, spec, train_rd, mh, progress)
-    ev = evaluate_specs(p, lm, [t[3] for t in trials], "val", progress)
+    train_specs(p, lm, [t[3] for t in trials], train_rd, progress)
+    ev = _evaluate_on_main(p, lm, [t[3] for t in trials], progress) if trials else {}
     out: dict[str, Any] = {"split": "val", "k": k, "seed": seed, "objective": sel["objective"], "checks": {}}
     for name, chosen, beyond, spec in trials:
         scores = {float(v): d for v, d in sel[f"{name}_trials"].items()}
@@ -146,9 +173,11 @@ def selection_edge_check(p: Profile, lm, progress: bool = True) -> dict[str, Any
         out["checks"][name] = {"chosen": chosen, "chosen_delta_ce": chosen_score, "beyond": beyond,
                                "beyond_delta_ce": score, "would_move": bool(score < chosen_score),
                                "metrics": _trial_metrics(ev, spec)}
-    io.write_json(out_path, out)
-    registry_append(p, {"event": "selection_edge_check_done",
-                        **{n: c["would_move"] for n, c in out["checks"].items()}})
+    if distributed.is_main():
+        io.write_json(out_path, out)
+        registry_append(p, {"event": "selection_edge_check_done",
+                            **{n: c["would_move"] for n, c in out["checks"].items()}})
+    distributed.barrier()
     return out
 
 
@@ -160,16 +189,16 @@ def all_specs(p: Profile, lm) -> list[SAESpec]:
 
 
 def run(p: Profile, lm=None, progress: bool = True) -> list[SAESpec]:
-    """Selection, edge check and the whole grid; returns the grid's specs."""
+    """Selection, edge check and the whole grid (spread over the ranks of a torchrun launch, by seed); returns the
+    grid's specs."""
     from . import load_lm
 
-    lm = lm or load_lm(p, progress)
+    with distributed.main_first():  # rank 0 downloads the LM first
+        lm = lm or load_lm(p, progress)
     run_selection(p, lm, progress)
     selection_edge_check(p, lm, progress)
     specs = all_specs(p, lm)
-    rd = reader(p, "train", lm.info["model_hash"])
-    for s in bar(specs, desc="SAEs", unit="SAE", disable=not progress):
-        train_one(p, s, rd, lm.info["model_hash"], progress)
+    train_specs(p, lm, specs, reader(p, "train", lm.info["model_hash"]), progress, by_seed=True)
     return specs
 
 
