@@ -77,7 +77,7 @@ def k_status(v: ClaimVerdict, r: KResult) -> str:
 def summary_line(v: ClaimVerdict) -> str:
     n = len(v.per_k)
     if v.verdict == "not measured":
-        return f"no row holds `{v.metric}` (e.g. probing POS tags on a corpus without them)"
+        return f"every row lists `{v.metric}` as not measured (e.g. POS probing on a corpus without POS tags)"
     if v.verdict == "not tested":
         return f"no paired `{v.metric}` values" + ("" if n else " (no rows for this variant)")
     if v.rule == "equivalence":

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scale_helpers import finish, launch, run_stage, write_profile
 
 SPLITS = ("train", "val", "test")

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from scale_helpers import finish, launch, run_stage, write_profile
 
 from gsae.io import sha256_file
-from scale_helpers import finish, launch, run_stage, write_profile
 
 
 def sae_hashes(root: Path) -> dict[str, str]:
