@@ -180,7 +180,7 @@ class ActivationReader:
 
     def meta(self) -> dict[str, Tensor]:
         """The int64 row index (``tokens``, ``ctx_index``, ``pos``) of every row, without x and g."""
-        parts = [self._load(i) for i in range(len(self.shards))]
+        parts = [{k: self._load(i)[k] for k in ROW_INDEX_KEYS} for i in range(len(self.shards))]  # x, g dropped
         return {k: torch.cat([p[k] for p in parts]) for k in ROW_INDEX_KEYS}
 
     def statistics(self, chunk: int = 1 << 16) -> SplitStats:
