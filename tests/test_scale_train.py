@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from scale_helpers import finish, launch, run_stage, write_profile
 
@@ -48,3 +49,12 @@ def test_grid_over_two_ranks_gives_the_same_saes_as_one_process(tmp_path):
     assert sorted(done) == sorted(ref)  # every SAE trained exactly once over the two ranks
     print(f"2 ranks: {len(ref)} SAEs, every sha256 equal to one process; lr {selection(two)['lr']:g}, "
           f"beta {selection(two)['beta']:g}")
+
+
+def test_stages_that_do_not_spread_are_refused_under_torchrun(monkeypatch):
+    from gsae import distributed, stages
+    from gsae.config import ConfigError, load_profile
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Dist(0, 2, 0, torch.device("cpu")))
+    with pytest.raises(ConfigError, match="stage 'evaluate' does not spread over processes; run it without torchrun"):
+        stages.run("evaluate", load_profile("smoke"))

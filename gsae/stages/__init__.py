@@ -43,21 +43,19 @@ def load_lm(p: Profile, progress: bool = True):
 
 
 SPREAD = ("harvest", "train")
-"""Stages that split their work over the ranks of a torchrun launch; the others run on rank 0 alone."""
+"""Stages that split their work over the ranks of a torchrun launch; the others run in one process."""
 
 
 def run(stage: str, p: Profile, lm=None, progress: bool = True) -> Any:
-    """Run one stage by name (the CLI's entry). Under torchrun a stage not in ``SPREAD`` runs on rank 0 while the
-    other ranks wait for it."""
+    """Run one stage by name (the CLI's entry). Under torchrun only the stages in ``SPREAD`` run; the others are
+    refused (they would train missing SAEs on rank 0 alone, out of step with the other ranks' collectives)."""
     import importlib
 
     from .. import distributed
 
     if stage not in ORDER:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {ORDER}")
-    module = importlib.import_module(f"{__name__}.{stage}")
-    if stage in SPREAD or distributed.current().world_size == 1:
-        return module.run(p, lm, progress=progress)
-    out = module.run(p, lm, progress=progress) if distributed.is_main() else None
-    distributed.barrier()
-    return out
+    if stage not in SPREAD and distributed.current().world_size > 1:
+        raise ConfigError(f"stage {stage!r} does not spread over processes; run it without torchrun "
+                          f"(python -m gsae.pipeline {stage} --profile {p.name}); torchrun runs {SPREAD}")
+    return importlib.import_module(f"{__name__}.{stage}").run(p, lm, progress=progress)
