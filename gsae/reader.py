@@ -84,25 +84,34 @@ class ActivationReader:
 
     def _windows(self, seed: int, window: int, prefetch: bool) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless stream of shuffled windows: per epoch a new shard order, rows shuffled within W shards. With
-        ``prefetch`` the next window of the same epoch loads in a thread (the generator draws stay in order)."""
+        ``prefetch`` the next window of the epoch is loaded AND shuffled in a thread while this one is consumed;
+        the generator is drawn in the main thread in the same order either way (epoch order, then each window's
+        permutation), so both give the same stream."""
         gen = torch.Generator().manual_seed(seed)
 
-        def load(group: list[int]) -> list[dict[str, Tensor]]:
-            return [self._load(i) for i in group]
+        def shuffled(group: list[int], perm: Tensor) -> tuple[Tensor, Tensor]:
+            parts = [self._load(i) for i in group]
+            x, g = torch.cat([p["x"] for p in parts]), torch.cat([p["g"] for p in parts])
+            if x.shape[0] != perm.numel():
+                raise IntegrityError(f"shards {group} of {self.dir} hold {x.shape[0]} rows, the manifest says "
+                                     f"{perm.numel()}; {rebuild_hint(self.dir)}")
+            return x[perm], g[perm]
 
         with ThreadPoolExecutor(1) if prefetch else _Inline() as pool:
             while True:
                 order = torch.randperm(len(self.shards), generator=gen).tolist()
                 groups = [order[w:w + window] for w in range(0, len(order), window)]
-                pending = pool.submit(load, groups[0])
+
+                def submit(group: list[int]) -> Any:
+                    n = sum(int(self.shards[i]["n_rows"]) for i in group)
+                    return pool.submit(shuffled, group, torch.randperm(n, generator=gen))
+
+                pending = submit(groups[0])
                 for j in range(len(groups)):
-                    parts = pending.result()
+                    x, g = pending.result()
                     if j + 1 < len(groups):
-                        pending = pool.submit(load, groups[j + 1])
-                    x = torch.cat([p["x"] for p in parts])
-                    g = torch.cat([p["g"] for p in parts])
-                    perm = torch.randperm(x.shape[0], generator=gen)
-                    yield x[perm], g[perm]
+                        pending = submit(groups[j + 1])
+                    yield x, g
 
     def batches(self, batch_size: int, seed: int, *, epochs: int | None = None, n_tokens: int | None = None,
                 window: int = 2, device: torch.device | None = None) -> Iterator[tuple[Tensor, Tensor]]:

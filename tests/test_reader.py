@@ -73,3 +73,28 @@ def test_prefetching_gives_the_same_stream(harvested):
     for _ in range(12):  # more than one epoch of 5 windows
         (xa, ga), (xb, gb) = next(windows), next(inline)
         assert torch.equal(xa, xb) and torch.equal(ga, gb)
+
+
+def reference_stream(rd: R.ActivationReader, seed: int, window: int, n_windows: int):
+    """The documented stream written out plainly: per epoch a seeded shard order, then for each window of
+    ``window`` shards, its rows in a seeded random order (one generator, drawn in that order)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    while len(out) < n_windows:
+        order = torch.randperm(len(rd.shards), generator=gen).tolist()
+        for w in range(0, len(order), window):
+            loaded = [io.load_tensors(rd.dir / rd.shards[i]["file"]) for i in order[w:w + window]]
+            x, g = torch.cat([t["x"] for t in loaded]), torch.cat([t["g"] for t in loaded])
+            perm = torch.randperm(x.shape[0], generator=gen)
+            out.append((x[perm], g[perm]))
+    return out[:n_windows]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_windows_follow_the_documented_stream(harvested, prefetch):
+    rd = R.ActivationReader(harvested)
+    ref = reference_stream(rd, seed=5, window=2, n_windows=13)  # 2.6 epochs of 5 windows
+    got = rd._windows(5, 2, prefetch=prefetch)
+    for x, g in ref:
+        xa, ga = next(got)
+        assert torch.equal(xa, x) and torch.equal(ga, g)
