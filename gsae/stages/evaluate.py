@@ -51,11 +51,25 @@ def _eval_context(p: Profile, lm, split: str):
     streamed when it is large (``ActivationReader.statistics``), never loaded whole."""
     mh = lm.info["model_hash"]
     tokens, rd = eval_tokens(p, lm, split)
-    train = reader(p, "train", mh).statistics()
+    train = train_statistics(p, mh)
     base = evals.ablation_baselines(lm.model, tokens, p.model.hook_name, mean_act=train.mean,
                                     exclude_pos0=p.harvest.exclude_pos0, batch_contexts=p.eval.batch_contexts,
                                     progress=False)
     return tokens, base, rd, MASSIVE_NORM_FACTOR * train.median_norm
+
+
+_STATS: dict[tuple[str, str], Any] = {}
+
+
+def train_statistics(p: Profile, model_hash: str):
+    """The train split's mean activation and median norm (``ActivationReader.statistics``), computed once per
+    process and harvest: the selection rounds and the test evaluation all need them, and at paper scale each pass
+    streams the whole 154 GB train split."""
+    rd = reader(p, "train", model_hash)
+    key = (str(rd.dir), str(rd.manifest.get("plan_hash")))
+    if key not in _STATS:
+        _STATS[key] = rd.statistics()
+    return _STATS[key]
 
 
 def massive_norm_cap(train_x: torch.Tensor, factor: float = MASSIVE_NORM_FACTOR) -> float:
