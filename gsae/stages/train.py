@@ -21,29 +21,46 @@ from ..specs import SAESpec, baseline_arm, experiment_specs, sae_config, sae_dir
 from .harvest import reader
 
 
-def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress: bool = True, device=None):
-    """Train (or resume, or skip) one SAE on ``device`` (default CPU); saved in SAELens format under
-    ``sae_dir(...)/sae``."""
-    from ..saelens import save_sae
-    from ..train import TrainingDiverged, train_sae
+def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str, progress: bool = True,
+                device=None) -> list:
+    """Train (or resume, or skip) SAEs that share one batch stream (same seed and token budget) in ONE pass over
+    it (``gsae.train.train_saes``) on ``device`` (default CPU); each is saved in SAELens format under
+    ``sae_dir(...)/sae``. Returns their directories."""
+    from ..train import Job, TrainingDiverged, train_saes
 
-    out = sae_dir(p, spec, model_hash)
-    if io.read_manifest(out) is not None:
-        return out
-    registry_append(p, {"event": "train_start", "sae": spec.name, "sae_cfg": dataclasses.asdict(spec.sae),
-                        "train_cfg": dataclasses.asdict(spec.train)})
-    n = (spec.train.tokens // spec.train.batch_size) * spec.train.batch_size
-    stream = lambda: train_reader.batches(spec.train.batch_size, seed=spec.train.seed, n_tokens=n,  # noqa: E731
-                                          device=device)
+    outs = [sae_dir(p, s, model_hash) for s in specs]
+    todo = [(s, out) for s, out in zip(specs, outs, strict=True) if io.read_manifest(out) is None]
+    if not todo:
+        return outs
+    for s, _ in todo:
+        registry_append(p, {"event": "train_start", "sae": s.name, "sae_cfg": dataclasses.asdict(s.sae),
+                            "train_cfg": dataclasses.asdict(s.train)})
+    t = todo[0][0].train
+    n = (t.tokens // t.batch_size) * t.batch_size
+    stream = lambda: train_reader.batches(t.batch_size, seed=t.seed, n_tokens=n, device=device)  # noqa: E731
+    desc = todo[0][0].name + (f" +{len(todo) - 1} sharing its batches" if len(todo) > 1 else "")
     try:
-        res = train_sae(spec.arm_impl, spec.sae, spec.train, stream, ckpt_dir=out / "ckpt", progress=progress,
-                        desc=spec.name, device=device)
-    except TrainingDiverged as e:
-        registry_append(p, {"event": "train_diverged", "sae": spec.name, "error": str(e)})
-        raise
+        results = train_saes([Job(s.arm_impl, s.sae, s.train, out / "ckpt") for s, out in todo], stream,
+                             progress=progress, desc=desc, device=device)
     except BaseException as e:
-        registry_append(p, {"event": "train_failed", "sae": spec.name, "error": repr(e)[:500]})
+        event = "train_diverged" if isinstance(e, TrainingDiverged) else "train_failed"
+        for s, _ in todo:
+            registry_append(p, {"event": event, "sae": s.name, "error": str(e) if event == "train_diverged"
+                                else repr(e)[:500]})
         raise
+    for (s, out), res in zip(todo, results, strict=True):
+        _save_trained(p, s, out, res, train_reader, model_hash)
+    return outs
+
+
+def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress: bool = True, device=None):
+    """Train (or resume, or skip) one SAE (``train_group`` of one)."""
+    return train_group(p, [spec], train_reader, model_hash, progress, device)[0]
+
+
+def _save_trained(p: Profile, spec: SAESpec, out, res, train_reader, model_hash: str) -> None:
+    from ..saelens import save_sae
+
     meta = {"model_hash": model_hash, "hook_name": p.model.hook_name, "profile": p.name, "sae": spec.name,
             "group": spec.group, "arm": spec.arm, "k": spec.k, "seed": spec.seed,
             "harvest_manifest": str(train_reader.manifest.get("plan_hash"))}
@@ -60,22 +77,25 @@ def train_one(p: Profile, spec: SAESpec, train_reader, model_hash: str, progress
     registry_append(p, {"event": "train_done", "sae": spec.name, "seconds": round(res.seconds, 2),
                         "final_loss_terms": {k: v for k, v in res.history[-1].items() if k not in ("step", "lr")},
                         "dead_fraction_train": dead_train})
-    return out
 
 
 def train_specs(p: Profile, lm, specs: list[SAESpec], train_reader, progress: bool = True, *,
                 by_seed: bool = False) -> None:
-    """Train ``specs``, each rank of a torchrun launch its share (all of them at world size 1, in order), then
-    wait for every rank. ``by_seed`` keeps the SAEs of one seed on one rank (``distributed.assign_groups``);
-    otherwise the jobs go round robin."""
+    """Train ``specs``, each rank of a torchrun launch its share (all of them at world size 1), then wait for
+    every rank. ``by_seed`` keeps the SAEs of one seed on one rank (``distributed.assign_groups``); otherwise the
+    jobs go round robin. A rank's SAEs that share a batch stream (seed, tokens, batch size) train together on one
+    pass over it (``train_group``)."""
     from ..runtime import module_device
 
     d = distributed.current()
     mine = (distributed.assign_groups(specs, lambda s: s.train.seed, d.rank, d.world_size) if by_seed
             else distributed.assign(specs, d.rank, d.world_size))
+    streams: dict[tuple, list[SAESpec]] = {}
+    for s in mine:
+        streams.setdefault((s.train.seed, s.train.tokens, s.train.batch_size), []).append(s)
     device, mh = module_device(lm.model), lm.info["model_hash"]
-    for s in bar(mine, desc="SAEs", unit="SAE", disable=not progress or len(mine) < 2):
-        train_one(p, s, train_reader, mh, progress, device)
+    for group in bar(list(streams.values()), desc="SAE groups", unit="group", disable=not progress or len(streams) < 2):
+        train_group(p, group, train_reader, mh, progress, device)
     distributed.barrier()
 
 
