@@ -121,9 +121,8 @@ class StageProjection:
         self.name, self.seconds, self.disk, self.host, self.gpu, self.what = name, seconds, disk, host, gpu, what
 
 
-def count_saes(p: Profile) -> tuple[dict[str, int], int, int]:
-    """SAEs the train stage trains: per arm, and how many are validation trials (selection rounds plus at most one
-    grid-edge trial per knob) and how many make the grid (primary and variants)."""
+def _specs(p: Profile) -> tuple[list, list]:
+    """The selection trials (both rounds) and the grid the train stage will train, at a placeholder lr / beta."""
     from . import arms
     from .specs import experiment_specs, selection_specs
 
@@ -131,7 +130,15 @@ def count_saes(p: Profile) -> tuple[dict[str, int], int, int]:
     chosen = {a: {hp: grid[0] for hp, grid in arms.get(a).hyperparameter_grid(p.experiment).items()}
               for a in p.experiment.arms}
     trials = selection_specs(p, d, 1.0) + selection_specs(p, d, 1.0, lr=p.train.lr)
-    grid = experiment_specs(p, d, 1.0, chosen, p.train.lr)
+    return trials, experiment_specs(p, d, 1.0, chosen, p.train.lr)
+
+
+def count_saes(p: Profile) -> tuple[dict[str, int], int, int]:
+    """SAEs the train stage trains: per arm, and how many are validation trials (selection rounds plus at most one
+    grid-edge trial per knob) and how many make the grid (primary and variants)."""
+    from . import arms
+
+    trials, grid = _specs(p)
     per_arm: dict[str, int] = {}
     for s in trials + grid:
         per_arm[s.arm] = per_arm.get(s.arm, 0) + 1
@@ -139,6 +146,14 @@ def count_saes(p: Profile) -> tuple[dict[str, int], int, int]:
     for a, n in edges.items():
         per_arm[a] = per_arm.get(a, 0) + n
     return per_arm, len(trials) + sum(edges.values()), len(grid)
+
+
+def largest_stream_group(p: Profile) -> int:
+    """The most grid SAEs that share one batch stream (one seed): how many the train stage holds at once."""
+    per_seed: dict[int, int] = {}
+    for s in _specs(p)[1]:
+        per_seed[s.train.seed] = per_seed.get(s.train.seed, 0) + 1
+    return max(per_seed.values(), default=1)
 
 
 def harvest_row_bytes(p: Profile) -> int:
@@ -200,8 +215,10 @@ def project(p: Profile, costs: StepCosts) -> list[StageProjection]:
     logits = p.harvest.batch_contexts * T * shape["d_vocab"] * 4 * 3  # logits, log-softmax, their gradient
     lm_gpu = gpu_peak.get("harvest_batch") or (
         n_params * 4 + logits + p.harvest.batch_contexts * T * d * 4 * 12 * shape["n_layers"])
-    sae_gpu = max((v for k, v in gpu_peak.items() if k.startswith("sae_step")), default=0) or (
-        sae_bytes + p.train.batch_size * d_sae * 4 * 4)
+    # The SAEs of one seed train together (gsae.train.train_saes): all of them resident, one step's buffers at a time.
+    group = max(largest_stream_group(p) - 1, 0) * sae_bytes
+    sae_gpu = group + (max((v for k, v in gpu_peak.items() if k.startswith("sae_step")), default=0) or (
+        sae_bytes + p.train.batch_size * d_sae * 4 * 4))
 
     out = [StageProjection(
         "harvest", sum(ctx.values()) * T * costs.harvest_s_per_token, harvest_disk_bytes(p),

@@ -27,6 +27,8 @@ def test_paper_work_counted_by_hand():
     per_arm, n_trials, n_grid = projection.count_saes(p)
     assert per_arm == {"topk": 4 + 1 + 15 + 6, "gsae": 4 + 1 + 15 + 18} and (n_trials, n_grid) == (10, 54)
     assert stages["train"].seconds == pytest.approx((26 * 1.0 + 38 * 2.0) * (200_000_000 // 4096))
+    # The SAEs of one seed train together: 5 k x 2 arms + 2 variant k x (2 g-SAE variants + auxk_off for both).
+    assert projection.largest_stream_group(p) == 5 * 2 + 2 * 4
     # x and g in float16 (2 x 768 x 2 bytes) + 3 int64 row-index entries per row; 50 + 1 + 2 shards.
     rows = 50_001_840 + 1_000_440 + 2_000_880
     assert stages["harvest"].disk == projection.harvest_disk_bytes(p) == rows * (2 * 768 * 2 + 24) + 8192 * 53
