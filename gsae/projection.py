@@ -117,8 +117,10 @@ def measure_costs(p: Profile, device: torch.device, lm_contexts: int | None = No
 
 
 class StageProjection:
-    def __init__(self, name: str, seconds: float, disk: float, host: float, gpu: float, what: str):
+    def __init__(self, name: str, seconds: float, disk: float, host: float, gpu: float, what: str, ranks: int = 1):
         self.name, self.seconds, self.disk, self.host, self.gpu, self.what = name, seconds, disk, host, gpu, what
+        self.ranks = ranks
+        """The most torchrun ranks that can share this stage's work (1: it runs in one process)."""
 
 
 def _specs(p: Profile) -> tuple[list, list]:
@@ -220,15 +222,26 @@ def project(p: Profile, costs: StepCosts) -> list[StageProjection]:
     sae_gpu = group + (max((v for k, v in gpu_peak.items() if k.startswith("sae_step")), default=0) or (
         sae_bytes + p.train.batch_size * d_sae * 4 * 4))
 
+    trials, grid = _specs(p)
+    per_trial_arm = {a: n for a, n in n_saes.items()}
+    for sp in grid:
+        per_trial_arm[sp.arm] -= 1
+    round_size = max(len(p.selection.lr_multipliers), len(trials) - len(p.selection.lr_multipliers))
     out = [StageProjection(
         "harvest", sum(ctx.values()) * T * costs.harvest_s_per_token, harvest_disk_bytes(p),
         2 * shard_bytes + sum(ctx.values()) * T * 8 * 2, lm_gpu,
-        f"{sum(ctx.values()):,} contexts x {T} tokens, forward + backward to {p.model.hook_name}")]
+        f"{sum(ctx.values()):,} contexts x {T} tokens, forward + backward to {p.model.hook_name}",
+        ranks=math.ceil(p.harvest.tokens["train"] / p.harvest.shard_tokens))]
     out.append(StageProjection(
-        "train", sum(n * steps * costs.sae_step_s[a] for a, n in n_saes.items()), n_total * 2 * d * d_sae * 4,
+        "select", sum(n * steps * costs.sae_step_s[a] for a, n in per_trial_arm.items()), n_trials * 2 * d * d_sae * 4,
+        2 * 2 * shard_bytes, sae_gpu - group, f"{n_trials} validation trials in rounds of up to {round_size} "
+        f"(+ grid-edge checks) x {steps:,} steps of {p.train.batch_size:,}", ranks=round_size))
+    out.append(StageProjection(
+        "train", sum(steps * costs.sae_step_s[sp.arm] for sp in grid), n_grid * 2 * d * d_sae * 4,
         2 * 2 * shard_bytes + p.train.batch_size * d * 4 * 4, sae_gpu,
-        f"{n_total} SAEs ({', '.join(f'{n} {a}' for a, n in n_saes.items())}) x {steps:,} steps of "
-        f"{p.train.batch_size:,}"))
+        f"{n_total} SAEs in all ({', '.join(f'{n} {a}' for a, n in n_saes.items())}); the grid's {n_grid} in "
+        f"{len({sp.train.seed for sp in grid})} seed groups of up to {largest_stream_group(p)}",
+        ranks=len({sp.train.seed for sp in grid})))
     lm_ctx = {s: min(ctx[s], p.eval.lm_contexts) for s in ("val", "test")}
 
     def evaluation(split: str, n: int) -> float:
@@ -272,9 +285,9 @@ def format_projection(p: Profile, costs: StepCosts, stages: list[StageProjection
         lines.append(f"{s.name:9s} {_hours(s.seconds):>17s} {_gb(s.disk):>10s} {_gb(s.host):>10s} "
                      f"{_gb(s.gpu):>10s}  {s.what}")
     total = sum(s.seconds for s in stages)
-    spread = sum(s.seconds for s in stages if s.name in ("harvest", "train"))
-    lines.append(f"{'total':9s} {_hours(total):>17s}; under torchrun harvest + train split over N GPUs: "
-                 f"{_hours(total - spread + spread / 8)} on 8")
+    on = {n: sum(s.seconds / min(n, s.ranks) for s in stages) for n in (2, 4, 8)}
+    lines.append(f"{'total':9s} {_hours(total):>17s}; with torchrun over N GPUs (harvest by shard, selection by "
+                 f"round, grid by seed group): " + ", ".join(f"{_hours(t)} on {n}" for n, t in on.items()))
     return lines
 
 

@@ -26,7 +26,9 @@ def test_paper_work_counted_by_hand():
     # 64 x 3 seeds: auxk_off for TopK, auxk_off + value_mode_score + grad_norm_token for the g-SAE.
     per_arm, n_trials, n_grid = projection.count_saes(p)
     assert per_arm == {"topk": 4 + 1 + 15 + 6, "gsae": 4 + 1 + 15 + 18} and (n_trials, n_grid) == (10, 54)
-    assert stages["train"].seconds == pytest.approx((26 * 1.0 + 38 * 2.0) * (200_000_000 // 4096))
+    steps = 200_000_000 // 4096
+    assert stages["select"].seconds == pytest.approx((5 * 1.0 + 5 * 2.0) * steps) and stages["select"].ranks == 4
+    assert stages["train"].seconds == pytest.approx((21 * 1.0 + 33 * 2.0) * steps) and stages["train"].ranks == 3
     # The SAEs of one seed train together: 5 k x 2 arms + 2 variant k x (2 g-SAE variants + auxk_off for both).
     assert projection.largest_stream_group(p) == 5 * 2 + 2 * 4
     # x and g in float16 (2 x 768 x 2 bytes) + 3 int64 row-index entries per row; 50 + 1 + 2 shards.
@@ -36,7 +38,10 @@ def test_paper_work_counted_by_hand():
     assert stages["steer"].seconds == pytest.approx(54 * steer_rows * 128 * 2e-6)
     assert stages["probe"].seconds == pytest.approx(2 * 54 * 2_000_880 * 1e-7)
     table = projection.format_projection(p, COSTS, list(stages.values()))
-    assert any(line.startswith("train") and "64 SAEs" in line for line in table)
+    assert any(line.startswith("train") and "64 SAEs in all" in line for line in table)
+    # On 8 GPUs the harvest splits 50 ways, a selection round 4 ways and the grid 3 ways (one seed group each).
+    on_8 = sum(s.seconds / min(8, s.ranks) for s in stages.values())
+    assert stages["harvest"].ranks == 50 and f"{on_8 / 3600:,.1f} h on 8" in table[-1]
 
 
 def test_openwebtext_document_budget_is_checked_against_the_token_budget():
