@@ -1,6 +1,7 @@
 """Speed of the SAE training step and of the harvest, as ratios against baselines run in the same process.
 
     python -m gsae.bench [--quick] [--json out.json] [--smoke-e2e] [--model tiny-random|smollm2-135m] [--threads N]
+    python -m gsae.bench --gpu-check [--cpu-dry] [--json out.json]     (gsae.gpu_check: is this GPU ready?)
 
 The machine is assumed noisy (shared cores), so every figure is a RATIO against a baseline measured in the
 same process, with the repetitions of all candidates interleaved (round-robin) and the median of the
@@ -312,7 +313,8 @@ def tiny_random_lm():
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
     return HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64,
-                                                     d_vocab=100, n_ctx=64, act_fn="gelu", normalization_type="LN"))
+                                                     d_vocab=100, n_ctx=64, act_fn="gelu", normalization_type="LN",
+                                                     device="cpu"))
 
 
 def load_bench_model(name: str) -> tuple[Any, str]:
@@ -428,7 +430,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, help="override the number of interleaved repetitions")
     ap.add_argument("--steps", type=int, help="override the training steps per timed run")
     ap.add_argument("--no-sparse-saelens", action="store_true", help="skip SAELens' use_sparse_activations baseline")
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="check this GPU for the paper profile and project its hours per stage (gsae.gpu_check)")
+    ap.add_argument("--cpu-dry", action="store_true", help="with --gpu-check: run its code on the CPU, tiny shapes")
     args = ap.parse_args(argv)
+    if args.gpu_check:
+        from .gpu_check import main as gpu_check
+
+        code = gpu_check(cpu_dry=args.cpu_dry, json_path=args.json)
+        if __name__ == "__main__":
+            sys.exit(code)
+        return {"gpu_check_exit": code}
     cfg = QUICK if args.quick else BenchConfig()
     cfg = replace(cfg, **{k: v for k, v in (("reps", args.reps), ("steps", args.steps)) if v})
     threads = torch.get_num_threads()

@@ -25,7 +25,9 @@ Interpretation choices (PREREG leaves them implicit):
   significantly worse; with exactly one pair its point estimate still counts for "contradicted" / "below
   margin", because those rules are stated on the mean difference alone.
 * Holm counts every k of the grid in the family, including a k without a test (conservative).
-* A claim x variant with no paired value at any k is "not tested".
+* A claim x variant with no paired value at any k is "not tested"; "not measured" when every row of metrics.jsonl
+  lists its metric under ``not_measured`` (the stage could not measure it, e.g. POS probing on a corpus without
+  POS tags, such as OpenWebText).
 * Robustness: "robust" if every applicable variant gives the primary verdict; "fragile" if a tested variant
   gives another one; "incomplete" if none disagrees but some variant has not been run (not tested).
   The README says plain "replicated" only for a robust replication.
@@ -49,7 +51,9 @@ from .config import ExperimentConfig
 from .evals import ALL_ENCODE_MODES
 
 ROOT = Path(__file__).resolve().parent.parent
-VERDICTS = ("replicated", "not replicated", "inconclusive", "not tested")
+VERDICTS = ("replicated", "not replicated", "inconclusive", "not tested", "not measured")
+UNTESTED = ("not tested", "not measured")
+"""Verdicts without a test: no paired values, or (not measured) a metric every row lists as not measurable."""
 BASELINE, TREATMENT = ExperimentConfig.__dataclass_fields__["arms"].default[:2]
 """The arms every claim compares (treatment - baseline): the profile default's first two."""
 MINUS = "\u2212"
@@ -319,8 +323,15 @@ def _claim_metric(claim: dict[str, Any], template: str | None = None) -> str:
     return claim["metric"] + (f"@{alpha}" if alpha is not None else "")
 
 
-def evaluate_claim(prereg: dict[str, Any], cid: str, variant: str, index: dict, k_grid: list[int]) -> ClaimVerdict:
-    """Apply PREREG §2 to one claim under one variant over ``k_grid``."""
+def not_measured(rows: list[dict[str, Any]]) -> frozenset[str]:
+    """Metrics that every row lists under ``not_measured`` (a stage recorded that it could not measure them)."""
+    sets = [set(r.get("not_measured", ())) for r in rows]
+    return frozenset(set.intersection(*sets)) if sets else frozenset()
+
+
+def evaluate_claim(prereg: dict[str, Any], cid: str, variant: str, index: dict, k_grid: list[int],
+                   unmeasured: frozenset[str] = frozenset()) -> ClaimVerdict:
+    """Apply PREREG §2 to one claim under one variant over ``k_grid`` (``unmeasured``: ``not_measured(rows)``)."""
     claim = prereg["claims"][cid]
     src = VARIANT_SOURCES[variant]
     metric = _claim_metric(claim, src.metric)
@@ -356,7 +367,7 @@ def evaluate_claim(prereg: dict[str, Any], cid: str, variant: str, index: dict, 
     n_con = sum(r.contradicted for r in per_k)
     n_worse = sum(r.worse for r in per_k)
     if n == 0 or all(r.stats.n == 0 for r in per_k):
-        verdict = "not tested"
+        verdict = "not measured" if metric in unmeasured else "not tested"
     elif n_worse > 0 or n_con >= need_not:
         verdict = "not replicated"
     elif n_sup >= need_rep:
@@ -379,7 +390,7 @@ def verdicts(prereg: dict[str, Any], rows: list[dict[str, Any]], k_grid: list[in
     """The primary analysis: one verdict per claim, over ``k_grid`` (default: prereg's estimand.k_grid)."""
     index = _index(rows)
     grid = [int(k) for k in (k_grid if k_grid is not None else prereg["estimand"]["k_grid"])]
-    return [evaluate_claim(prereg, cid, "primary", index, grid) for cid in prereg["claims"]]
+    return [evaluate_claim(prereg, cid, "primary", index, grid, not_measured(rows)) for cid in prereg["claims"]]
 
 
 class Robustness(NamedTuple):
@@ -420,14 +431,15 @@ def sensitivity(prereg: dict[str, Any], rows: list[dict[str, Any]], k_grid: list
     same = same_as_primary_variants(rows)
     out = {}
     for pv in primary:
-        vs = tuple(evaluate_claim(prereg, pv.claim, v["name"], index, _variant_k_grid(v["name"], index, grid))
+        vs = tuple(evaluate_claim(prereg, pv.claim, v["name"], index, _variant_k_grid(v["name"], index, grid),
+                                  not_measured(rows))
                    for v in prereg.get("variants", []) or [] if pv.claim in v.get("claims", []))
         vacuous = tuple(v.variant for v in vs if v.variant in same)
-        untested = tuple(v.variant for v in vs if v.verdict == "not tested" and v.variant not in same)
-        disagreeing = tuple(v.variant for v in vs if v.verdict not in ("not tested", pv.verdict)
+        untested = tuple(v.variant for v in vs if v.verdict in UNTESTED and v.variant not in same)
+        disagreeing = tuple(v.variant for v in vs if v.verdict not in (*UNTESTED, pv.verdict)
                             and v.variant not in same)
-        if pv.verdict == "not tested":
-            label = "not tested"
+        if pv.verdict in UNTESTED:
+            label = pv.verdict
         elif disagreeing:
             label = "fragile"
         elif untested:

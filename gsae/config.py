@@ -24,6 +24,8 @@ KNOWN_MODELS = ("smollm2-135m", "tiny", "gpt2")
 CORPORA = ("brown", "sotu", "brown+sotu", "openwebtext")
 """The text sources ``gsae.data.load_corpus`` can read (the one list; data.py imports it)."""
 KNOWN_HOOKS = ("resid_pre", "resid_post", "resid_mid")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+"""Storage dtypes of harvested activations and gradients (``harvest.dtype``)."""
 
 
 class ConfigError(ValueError):
@@ -33,6 +35,11 @@ class ConfigError(ValueError):
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+ADDED_LATER = {"hash_default": False}
+"""Field metadata of a setting added after caches existed: at its default value it is left out of
+``config_hash``, so the directories (and manifests) of runs made before it existed keep their keys."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,19 @@ class DataConfig:
     """Train / validation / test fractions, assigned per document (never per context)."""
     split_seed: int = 0
     """Seed of the document-level split."""
+    documents: int = field(default=0, metadata=ADDED_LATER)
+    """OpenWebText only: how many documents are read (the first N of the corpus); 0 means
+    ``OPENWEBTEXT_DEFAULT_DOCS``. ``--dry-run`` checks it against the harvest's token budget."""
+    source: str = field(default="", metadata=ADDED_LATER)
+    """OpenWebText only: a local copy to read instead of streaming from the Hugging Face Hub: a ``.jsonl`` file
+    (one ``{"text": ...}`` per line), a directory of ``.txt`` files (one document each, in name order) or a
+    ``.parquet`` file with a ``text`` column. Empty: stream ``Skylion007/openwebtext``."""
 
     def __post_init__(self) -> None:
         _require(self.corpus in CORPORA, f"unknown corpus {self.corpus!r}; choose one of {CORPORA}")
+        _require(self.documents >= 0, f"data.documents must be >= 0, got {self.documents}")
+        _require(self.corpus == "openwebtext" or (self.documents == 0 and not self.source),
+                 f"data.documents and data.source apply to corpus 'openwebtext' only, not {self.corpus!r}")
         _require(self.ctx_len >= 4, f"ctx_len must be >= 4, got {self.ctx_len}")
         _require(len(self.split_fracs) == 3 and all(f > 0 for f in self.split_fracs)
                  and abs(sum(self.split_fracs) - 1) < 1e-6,
@@ -88,10 +105,14 @@ class HarvestConfig:
     shard_tokens: int = 16384
     """Tokens per safetensors shard (a shard is the unit of resumption)."""
     dtype: str = "float32"
-    """Storage dtype of x and g: float32, or float16 to halve the disk."""
+    """Storage dtype of x and g: float32, or float16 / bfloat16 to halve the disk. The LM always computes in
+    float32 (TF32 matmuls on CUDA, ``runtime.tf32``); only the stored copy is rounded. float16 keeps 10
+    mantissa bits but flushes |g| < 6e-8 to zero: the harvest refuses a shard in which more than
+    ``gsae.harvest.MAX_UNDERFLOW`` of g's nonzero entries (or any value) would not survive the cast.
+    bfloat16 has float32's range (no underflow) but 7 mantissa bits."""
     exclude_pos0: bool = True
     """Drop position 0 of every context (attention-sink / BOS-like outliers)."""
-    label_free_splits: tuple[str, ...] = ()
+    label_free_splits: tuple[str, ...] = field(default=(), metadata={"hash_default": False})
     """Splits that also store g_free, the gradient of the CE against the model's own argmax
     (``gsae.lm.label_free_ce``): a gradient the model can compute without the next token (PREREG v2). Costs a
     second backward per batch; the train split needs it only to train an arm on it."""
@@ -102,7 +123,8 @@ class HarvestConfig:
         _require(all(int(v) > 0 for v in self.tokens.values()), "harvest token budgets must be > 0")
         _require(self.batch_contexts > 0, "harvest.batch_contexts must be > 0")
         _require(self.shard_tokens > 0, "harvest.shard_tokens must be > 0")
-        _require(self.dtype in ("float32", "float16"), f"harvest.dtype must be float32 or float16, got {self.dtype!r}")
+        _require(self.dtype in STORAGE_DTYPES,
+                 f"harvest.dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         _require(set(self.label_free_splits) <= {"train", "val", "test"},
                  f"harvest.label_free_splits must name splits (train, val, test), got {self.label_free_splits}")
 
@@ -303,6 +325,28 @@ class ProbingConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how a run computes. Never part of a cache key: the same profile on CPU or GPU writes to the
+    same directories (a harvest records a non-CPU device in its plan, so shards of two device kinds never mix)."""
+
+    device: str = "auto"
+    """auto (the local rank's GPU when CUDA is present, else cpu), cpu, cuda (the local rank's GPU) or cuda:N.
+    The LM, the SAEs, the training batches, the evaluations, steering and probing all use it."""
+    tf32: bool = True
+    """On CUDA, float32 matmuls may use TF32 tensor cores (torch.set_float32_matmul_precision("high")): ~3x
+    faster SAE steps, 10-bit mantissa products with float32 accumulation. Ignored on CPU."""
+    timeout_hours: float = 6.0
+    """How long a collective of a torchrun launch waits for the slowest rank (the end-of-stage barriers wait
+    while other ranks still train)."""
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                                                          and self.device[5:].isdigit()),
+                 f"runtime.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(self.timeout_hours > 0, f"runtime.timeout_hours must be > 0, got {self.timeout_hours}")
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     model: ModelConfig
@@ -315,6 +359,7 @@ class Profile:
     eval: EvalConfig = field(default_factory=EvalConfig)
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     probing: ProbingConfig = field(default_factory=ProbingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -369,7 +414,8 @@ def config_hash(*objs: Any, n: int = 12) -> str:
     """Stable short hash of configs (dataclasses or plain data), used to key caches."""
     def norm(o: Any) -> Any:
         if dataclasses.is_dataclass(o):
-            return {k: norm(v) for k, v in dataclasses.asdict(o).items()}
+            return {f.name: norm(getattr(o, f.name)) for f in fields(o)
+                    if f.metadata.get("hash_default", True) or getattr(o, f.name) != f.default}
         if isinstance(o, dict):
             return {str(k): norm(v) for k, v in sorted(o.items())}
         if isinstance(o, (list, tuple)):

@@ -133,8 +133,9 @@ class ReconstructionStats:
         self.counts = torch.zeros(d_sae, dtype=torch.int64)
 
     def add(self, x: Tensor, x_hat: Tensor, top_acts: Tensor, top_indices: Tensor) -> None:
-        x64 = x.detach().reshape(-1, x.shape[-1]).double().cpu()
-        xh64 = x_hat.detach().reshape(-1, x.shape[-1]).double().cpu()
+        # Reduced where the tensors live (a GPU evaluation moves only scalars and the counts to the host).
+        x64 = x.detach().reshape(-1, x.shape[-1]).double()
+        xh64 = x_hat.detach().reshape(-1, x.shape[-1]).double()
         n_b = x64.shape[0]
         if n_b == 0:
             return
@@ -149,10 +150,10 @@ class ReconstructionStats:
             self.mean = self.mean + delta * (n_b / n)
         self.n += n_b
         self.sse += (x64 - xh64).pow(2).sum().item()
-        fired = top_acts.detach().reshape(-1, top_acts.shape[-1]).cpu() != 0
+        fired = top_acts.detach().reshape(-1, top_acts.shape[-1]) != 0
         self.nonzero += int(fired.sum())
-        idx = top_indices.detach().reshape(-1, top_indices.shape[-1]).cpu()[fired]
-        self.counts += torch.bincount(idx, minlength=self.counts.numel())
+        idx = top_indices.detach().reshape(-1, top_indices.shape[-1])[fired]
+        self.counts += torch.bincount(idx, minlength=self.counts.numel()).cpu()
 
     @property
     def fvu(self) -> float:

@@ -32,18 +32,17 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from . import distributed
 from .config import HarvestConfig
 from .io import (
     IntegrityError,
-    load_tensors,
     read_json,
     read_manifest,
     save_tensors,
@@ -54,16 +53,15 @@ from .io import (
 )
 from .lm import Capture, capture, check_hook, check_tokens, frozen_params  # noqa: F401  (re-exported)
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
+from .reader import ROW_INDEX_KEYS, ActivationReader, HarvestRows, rebuild_hint  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 GRADIENT_DEFINITION = "g = d(sum over predicted tokens of next-token cross-entropy) / dx  (sum, not mean)"
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
-ROW_INDEX_KEYS = ("tokens", "ctx_index", "pos")
-
-
-def rebuild_hint(harvest_dir: str | Path) -> str:
-    return f"delete the harvest directory {harvest_dir} and re-run the harvest stage to rebuild it"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_UNDERFLOW = 1e-3
+"""Largest fraction of g's nonzero entries that may round to zero in the storage dtype (float16 flushes
+|g| < 6e-8); above it the harvest stops and says to store bfloat16 or float32."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,18 +144,26 @@ def _harvest_shard(model: HookedTransformer, contexts: Tensor, plan: ShardPlan, 
     dtype = DTYPES[cfg.dtype]
     xs, gs, fs = [], [], []
     loss_sum, n_pred, done = 0.0, 0, 0
+    g_nonzero = g_flushed = 0
     for b0 in range(start, stop, cfg.batch_contexts):
         cap = capture(model, contexts[b0:min(b0 + cfg.batch_contexts, stop)], hook_name, label_free)
         d = cap.x.shape[-1]
-        xs.append(cap.x[:, first:last].reshape(-1, d).to("cpu", dtype))
-        gs.append(cap.g[:, first:last].reshape(-1, d).to("cpu", dtype))
+        xs.append(_to_storage(cap.x[:, first:last].reshape(-1, d), dtype, "x")[0])
+        g_stored, nonzero, flushed = _to_storage(cap.g[:, first:last].reshape(-1, d), dtype, "g")
+        gs.append(g_stored)
+        g_nonzero, g_flushed = g_nonzero + nonzero, g_flushed + flushed
         if cap.g_free is not None:
-            fs.append(cap.g_free[:, first:last].reshape(-1, d).to("cpu", dtype))
+            fs.append(_to_storage(cap.g_free[:, first:last].reshape(-1, d), dtype, "g_free")[0])
         loss_sum += float(cap.loss_sum)
         n_pred += cap.n_pred
         step = min(xs[-1].shape[0], n_rows - done)
         done += step
         bar.update(step)
+    if g_flushed > MAX_UNDERFLOW * max(g_nonzero, 1):
+        raise FloatingPointError(
+            f"shard {i}: {g_flushed:,} of {g_nonzero:,} nonzero gradient entries ({g_flushed / g_nonzero:.2%}) round "
+            f"to zero in harvest.dtype={cfg.dtype} (limit {MAX_UNDERFLOW:.1%}); store bfloat16 (float32's range) or "
+            f"float32")
     x, g = torch.cat(xs)[:n_rows], torch.cat(gs)[:n_rows]
     ctx_index = torch.arange(start, stop).repeat_interleave(plan.rows_per_ctx)[:n_rows]
     pos = torch.arange(first, last).repeat(stop - start)[:n_rows]
@@ -169,6 +175,19 @@ def _harvest_shard(model: HookedTransformer, contexts: Tensor, plan: ShardPlan, 
     stats = {"sum_sq_g": float(g.double().pow(2).sum()), "sum_sq_x": float(x.double().pow(2).sum()),
              "loss_sum": loss_sum, "n_pred": n_pred}
     return tensors, stats
+
+
+def _to_storage(t: Tensor, dtype: torch.dtype, name: str) -> tuple[Tensor, int, int]:
+    """``t`` cast to the storage dtype on CPU, with (nonzero entries, entries the cast flushed to zero). A value
+    the cast turns into inf (float16 overflows above 65,504) is an error, not a silent inf on disk."""
+    stored = t.to(dtype)
+    if stored.dtype == t.dtype:
+        return stored.to("cpu"), 0, 0
+    if not bool(torch.isfinite(stored).all()):
+        raise FloatingPointError(f"{name} overflows {dtype} (max |{name}| = {float(t.abs().max()):.4g}); store "
+                                 f"bfloat16 or float32 (harvest.dtype)")
+    nonzero = t != 0
+    return stored.to("cpu"), int(nonzero.sum()), int((nonzero & (stored == 0)).sum())
 
 
 def _check_disk(out_dir: Path, plan: ShardPlan, d: int, cfg: HarvestConfig, label_free: bool = False) -> None:
@@ -194,6 +213,11 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
     Resumable: a complete, verifying harvest is returned as is; otherwise shards whose sidecar
     matches are kept and the others recomputed. ``meta`` (e.g. model and data hashes) goes into the manifest
     and the plan hash, so a directory built from other inputs is never silently reused.
+
+    Under torchrun (``gsae.distributed``) every rank computes the shards ``distributed.assign`` gives it, and
+    rank 0 writes the manifest once all are done. Shard i is a pure function of the plan, so the shards and the
+    manifest are byte-identical to a one-process harvest; a relaunch after a killed rank redoes only the missing
+    shards.
     """
     cfg = cfg or HarvestConfig()
     check_tokens(contexts_tokens, 3 if cfg.exclude_pos0 else 2)
@@ -217,33 +241,52 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
             return verify_manifest(out_dir, rebuild_hint(out_dir))
         except IntegrityError as e:
             log.warning("harvest manifest does not verify (%s); rebuilding the bad shards", e)
-            (out_dir / "manifest.json").unlink()
+            distributed.barrier()  # every rank has read the manifest before rank 0 removes it
+            if distributed.is_main():
+                (out_dir / "manifest.json").unlink(missing_ok=True)
 
-    for stale in out_dir.glob(".*.tmp"):  # temp files of writes killed mid-way (gsae.io.atomic_path)
-        stale.unlink()
+    dist = distributed.current()
+    mine = distributed.assign(range(plan.n_shards), dist.rank, dist.world_size)
+    for i in mine:  # temp files of this rank's writes killed mid-way (gsae.io.atomic_path)
+        for stale in out_dir.glob(f".shard_{i:05d}.*.tmp"):
+            stale.unlink(missing_ok=True)
     d = model.cfg.d_model
     _check_disk(out_dir, plan, d, cfg, label_free)
 
-    records, reused = [], 0
-    bar = tqdm(total=plan.n_tokens, unit="tok", unit_scale=True, desc=f"harvest {hook_name}", disable=not progress)
+    reused = 0
+    total = sum(plan.n_rows(i) for i in mine)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {hook_name}", disable=not progress)
     with bar:
-        for i in range(plan.n_shards):
+        for i in mine:
             rec = _valid_sidecar(out_dir, i, plan_hash)
             if rec is not None:
                 reused += 1
                 bar.update(rec["n_rows"])
-            else:
-                tensors, stats = _harvest_shard(model, contexts, plan, i, cfg, hook_name, bar, label_free)
-                start, stop = plan.contexts(i)
-                # One metadata key only: safetensors stores metadata in a hash map whose order is not
-                # fixed, and several keys could make the bytes (and sha256) differ between runs.
-                info = json.dumps({"shard": i, "ctx_start": start, "ctx_stop": stop, "plan_hash": plan_hash})
-                sha = save_tensors(out_dir / shard_name(i), tensors, metadata={"gsae": info})
-                rec = {"file": shard_name(i), "sha256": sha, "n_rows": plan.n_rows(i), "ctx_start": start,
-                       "ctx_stop": stop, "plan_hash": plan_hash, **stats}
-                write_json(_sidecar(out_dir, i), rec)
-            records.append(rec)
+                continue
+            tensors, stats = _harvest_shard(model, contexts, plan, i, cfg, hook_name, bar, label_free)
+            start, stop = plan.contexts(i)
+            # One metadata key only: safetensors stores metadata in a hash map whose order is not
+            # fixed, and several keys could make the bytes (and sha256) differ between runs.
+            info = json.dumps({"shard": i, "ctx_start": start, "ctx_stop": stop, "plan_hash": plan_hash})
+            sha = save_tensors(out_dir / shard_name(i), tensors, metadata={"gsae": info})
+            write_json(_sidecar(out_dir, i), {"file": shard_name(i), "sha256": sha, "n_rows": plan.n_rows(i),
+                                              "ctx_start": start, "ctx_stop": stop, "plan_hash": plan_hash, **stats})
+    reused = sum(distributed.all_gather_object(reused))  # doubles as the barrier: every shard is on disk
+    if distributed.is_main():
+        _write_harvest_manifest(out_dir, plan, plan_hash, contexts_sha, hook_name, d, cfg, meta, reused)
+    distributed.barrier()  # the other ranks return once the manifest exists
+    return read_manifest(out_dir)
 
+
+def _write_harvest_manifest(out_dir: Path, plan: ShardPlan, plan_hash: str, contexts_sha: str, hook_name: str,
+                            d: int, cfg: HarvestConfig, meta: dict[str, Any], reused: int) -> dict[str, Any]:
+    """The manifest of a harvest whose shards are all on disk, from their sidecars (written after each shard)."""
+    records = []
+    for i in range(plan.n_shards):
+        rec = read_json(_sidecar(out_dir, i))
+        if rec.get("plan_hash") != plan_hash:
+            raise IntegrityError(f"{_sidecar(out_dir, i)} belongs to another plan; {rebuild_hint(out_dir)}")
+        records.append(rec)
     n = sum(r["n_rows"] for r in records)
     mean_sq_g = sum(r["sum_sq_g"] for r in records) / n
     mean_sq_x = sum(r["sum_sq_x"] for r in records) / n
@@ -261,115 +304,13 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
                        "mean_loss": sum(r["loss_sum"] for r in records) / sum(r["n_pred"] for r in records)},
         "resumed_shards": reused,
     }
-    return write_manifest(out_dir, manifest_meta, files=[r["file"] for r in records])
-
-
-# --------------------------------------------------------------------------------------------------
-# Reader
-# --------------------------------------------------------------------------------------------------
-
-
-class HarvestRows(NamedTuple):
-    x: Tensor
-    """[n, d] float32 activations."""
-    g: Tensor
-    """[n, d] float32 gradients."""
-    meta: dict[str, Tensor]
-    """int64 [n] tensors ``tokens``, ``ctx_index``, ``pos`` mapping each row to its context and position."""
-    g_free: Tensor | None = None
-    """[n, d] float32 label-free gradients, when the harvest stored them."""
-
-    def gradient(self, mode: str) -> Tensor | None:
-        """The gradient encoder ``mode`` uses: "g" -> g, "g_free" -> g_free, "plain" -> None."""
-        if mode == "g_free" and self.g_free is None:
-            raise KeyError("this harvest stored no g_free; add the split to harvest.label_free_splits")
-        return {"g": self.g, "g_free": self.g_free, "plain": None}[mode]
-
-
-class ActivationReader:
-    """Reads a completed harvest: seeded shuffled (x, g) batches with bounded memory, or all rows at once.
-
-    With ``verify`` every shard's sha256 is checked against the manifest each time it is loaded, so a
-    corrupted file raises ``IntegrityError`` naming it instead of feeding wrong numbers to training.
-    """
-
-    def __init__(self, harvest_dir: str | Path, *, verify: bool = True):
-        self.dir = Path(harvest_dir)
-        manifest = read_manifest(self.dir)
-        if manifest is None:
-            raise FileNotFoundError(f"{self.dir} has no manifest.json: the harvest did not complete; "
-                                    f"run (or re-run) the harvest stage")
-        self.manifest = manifest
-        self.verify = verify
-        self.shards: list[dict[str, Any]] = manifest["shards"]
-        self.n_tokens: int = int(manifest["n_tokens"])
-        self.d: int = int(manifest["d_model"])
-        if verify:
-            missing = [s["file"] for s in self.shards if not (self.dir / s["file"]).exists()]
-            if missing:
-                raise IntegrityError(f"{self.dir / missing[0]} listed in the manifest is missing; "
-                                     f"{rebuild_hint(self.dir)}")
-
-    def _load(self, i: int) -> dict[str, Tensor]:
-        name = self.shards[i]["file"]
-        sha = self.manifest["files"][name] if self.verify else None
-        return load_tensors(self.dir / name, sha256=sha, rebuild_hint=rebuild_hint(self.dir))
-
-    def _windows(self, seed: int, window: int, gradient: str = "g") -> Iterator[tuple[Tensor, Tensor]]:
-        """Endless stream of shuffled windows: per epoch a new shard order, rows shuffled within W shards."""
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(len(self.shards), generator=gen).tolist()
-            for w in range(0, len(order), window):
-                parts = [self._load(i) for i in order[w:w + window]]
-                x = torch.cat([p["x"] for p in parts])
-                if gradient not in parts[0]:
-                    raise KeyError(f"this harvest stored no {gradient!r}; add the split to "
-                                   f"harvest.label_free_splits and re-harvest")
-                g = torch.cat([p[gradient] for p in parts])
-                perm = torch.randperm(x.shape[0], generator=gen)
-                yield x[perm], g[perm]
-
-    def batches(self, batch_size: int, seed: int, *, epochs: int | None = None, n_tokens: int | None = None,
-                window: int = 2, gradient: str = "g") -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield float32 (x, g) batches of ``batch_size`` rows: ``epochs`` passes over the data or exactly
-        ``n_tokens`` rows (cycling epochs); the last batch holds the remainder. Batches run across window and
-        epoch boundaries. The same seed gives the identical stream. ``gradient="g_free"`` yields the label-free
-        gradient instead of g."""
-        if (epochs is None) == (n_tokens is None):
-            raise ValueError("give exactly one of epochs= or n_tokens=")
-        if batch_size <= 0 or window <= 0:
-            raise ValueError(f"batch_size and window must be > 0, got {batch_size}, {window}")
-        remaining = n_tokens if n_tokens is not None else epochs * self.n_tokens
-        if remaining <= 0:
-            raise ValueError(f"nothing to read: epochs={epochs}, n_tokens={n_tokens}")
-        rest_x = rest_g = None
-        for x, g in self._windows(seed, window, gradient):
-            if rest_x is not None:
-                x, g = torch.cat([rest_x, x]), torch.cat([rest_g, g])
-            start = 0
-            while remaining > 0 and x.shape[0] - start >= min(batch_size, remaining):
-                n = min(batch_size, remaining)
-                yield (x[start:start + n].to(torch.float32, copy=True), g[start:start + n].to(torch.float32, copy=True))
-                start, remaining = start + n, remaining - n
-            if remaining == 0:
-                return
-            rest_x, rest_g = x[start:], g[start:]
-
-    def load_all(self, max_tokens: int | None = None) -> HarvestRows:
-        """The first ``max_tokens`` rows (all by default) in harvest order, as float32 (for eval-sized splits)."""
-        limit = self.n_tokens if max_tokens is None else min(max_tokens, self.n_tokens)
-        parts, have = [], 0
-        for i in range(len(self.shards)):
-            if have >= limit:
-                break
-            t = self._load(i)
-            take = min(t["x"].shape[0], limit - have)
-            parts.append({k: v[:take] for k, v in t.items()})
-            have += take
-        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return HarvestRows(x=cat["x"].float(), g=cat["g"].float(), meta={k: cat[k] for k in ROW_INDEX_KEYS},
-                           g_free=cat["g_free"].float() if "g_free" in cat else None)
+    manifest = write_manifest(out_dir, manifest_meta, files=[r["file"] for r in records])
+    bad = [r["file"] for r in records if manifest["files"][r["file"]] != r["sha256"]]
+    if bad:
+        (out_dir / "manifest.json").unlink()
+        raise IntegrityError(f"{out_dir / bad[0]} does not match the sha256 its sidecar recorded; "
+                             f"{rebuild_hint(out_dir)}")
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------------

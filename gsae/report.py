@@ -18,6 +18,7 @@ from .claims import (
     MINUS,
     ROOT,
     TREATMENT,
+    UNTESTED,
     ClaimVerdict,
     KResult,
     PreregError,
@@ -75,6 +76,8 @@ def k_status(v: ClaimVerdict, r: KResult) -> str:
 
 def summary_line(v: ClaimVerdict) -> str:
     n = len(v.per_k)
+    if v.verdict == "not measured":
+        return f"every row lists `{v.metric}` as not measured (e.g. POS probing on a corpus without POS tags)"
     if v.verdict == "not tested":
         return f"no paired `{v.metric}` values" + ("" if n else " (no rows for this variant)")
     if v.rule == "equivalence":
@@ -93,6 +96,8 @@ def _k_line(v: ClaimVerdict, r: KResult, dec: int) -> str:
 
 
 def _effect_cell(v: ClaimVerdict) -> str:
+    if v.verdict == "not measured":
+        return f"not measured: {summary_line(v)}"
     if v.verdict == "not tested":
         return f"not tested: no paired `{v.metric}` values"
     dec = _decimals([x for r in v.per_k for x in (r.stats.mean_diff, r.stats.ci_lo, r.stats.ci_hi)])
@@ -106,14 +111,14 @@ def _effect_cell(v: ClaimVerdict) -> str:
 def readme_verdict(rob: Robustness) -> str:
     """The verdict as the README states it: plain "replicated" only for a robust replication."""
     v = rob.primary.verdict
-    if rob.label in ("robust", "not tested"):
+    if rob.label in ("robust", *UNTESTED):
         return v
     return f"{v} ({'fragile' if rob.label == 'fragile' else 'sensitivity incomplete'})"
 
 
 def _robustness_cell(rob: Robustness) -> str:
     n = len(rob.variants)
-    if rob.label == "not tested":
+    if rob.label in UNTESTED:
         return "—"
     if not n:
         return "robust (no variants registered)"
@@ -200,7 +205,7 @@ def render_sensitivity_md(claim_verdicts: list[ClaimVerdict], sens: dict[str, Ro
 def _grid_cell(x: ClaimVerdict | None) -> str:
     if x is None:
         return "n/a"
-    return x.verdict if x.verdict == "not tested" else f"{x.verdict} ({x.n_supported}/{len(x.per_k)})"
+    return x.verdict if x.verdict in UNTESTED else f"{x.verdict} ({x.n_supported}/{len(x.per_k)})"
 
 
 def _p(p: float, v: ClaimVerdict) -> str:

@@ -124,10 +124,12 @@ def stage_file(p: Profile, stage: str, split: str = "test", code: str = "") -> s
     return f"{stage}_{split}-{config_hash(section, code, n=8)}.{ext}"
 
 
-def load_trained(p: Profile, spec: SAESpec, model_hash: str):
-    """The trained SAE of ``spec`` (integrity-checked against its manifest), as its arm's module."""
+def load_trained(p: Profile, spec: SAESpec, model_hash: str, device: Any = None):
+    """The trained SAE of ``spec`` (integrity-checked against its manifest), as its arm's module, on ``device``
+    (default CPU)."""
     from .saelens import load_sae
 
     d = sae_dir(p, spec, model_hash)
     io.verify_manifest(d, rebuild_hint=f"delete {d} and re-run the train stage")
-    return load_sae(d / "sae")
+    sae = load_sae(d / "sae")
+    return sae if device is None else sae.to(device)

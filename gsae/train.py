@@ -26,6 +26,7 @@ import torch
 from . import arms, io
 from .config import SAEConfig, TrainConfig
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
+from .runtime import to_device
 
 CKPT_TENSORS = "checkpoint.safetensors"
 CKPT_STATE = "checkpoint.json"
@@ -75,6 +76,7 @@ def save_checkpoint(ckpt_dir: Path, sae: torch.nn.Module, opt: torch.optim.Adam,
     tensors = {f"sae.{k}": v.detach() for k, v in params.items()}
     tensors.update(_adam_tensors(opt, params))
     tensors["tokens_since_fired"] = tsf
+    tensors = {k: v.cpu() for k, v in tensors.items()}  # a checkpoint resumes on any device
     # Tensors first, then the JSON that names their hash: a crash between the two leaves the previous
     # JSON pointing at a hash that no longer matches, so the checkpoint is ignored, never half-trusted.
     digest = io.save_tensors(ckpt_dir / CKPT_TENSORS, tensors)
@@ -94,17 +96,127 @@ def load_checkpoint(ckpt_dir: Path, sae: torch.nn.Module,
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(t[f"sae.{name}"])
-            if f"adam.{name}.exp_avg" in t:
-                opt.state[p] = {"step": t[f"adam.{name}.step"].reshape(()).clone(),
-                                "exp_avg": t[f"adam.{name}.exp_avg"].clone(),
-                                "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].clone()}
-    return state["step"], t["tokens_since_fired"].clone(), state["history"]
+            if f"adam.{name}.exp_avg" in t:  # fused Adam keeps its step counter on the parameter's device
+                opt.state[p] = {"step": t[f"adam.{name}.step"].reshape(()).to(p.device, copy=True),
+                                "exp_avg": t[f"adam.{name}.exp_avg"].to(p.device, copy=True),
+                                "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].to(p.device, copy=True)}
+    return state["step"], t["tokens_since_fired"].to(params["W_dec"].device, copy=True), state["history"]
 
 
 def _all_finite(sae: torch.nn.Module, loss: torch.Tensor) -> bool:
     if not torch.isfinite(loss):
         return False
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in sae.parameters())
+
+
+class Job(NamedTuple):
+    """One SAE to train with ``train_saes``."""
+
+    arm: arms.Arm | str
+    sae_cfg: SAEConfig
+    cfg: TrainConfig
+    ckpt_dir: str | Path | None = None
+
+
+class _Run:
+    """One SAE in training: module, optimiser, dead-latent counters, history and checkpoints. The step is the
+    same whether it is driven alone (``train_sae``) or beside others on one stream (``train_saes``)."""
+
+    def __init__(self, job: Job, device: torch.device, log_every: int):
+        self.arm = arms.get(job.arm) if isinstance(job.arm, str) else job.arm
+        self.sae_cfg, self.cfg, self.device, self.log_every = job.sae_cfg, job.cfg, device, log_every
+        self.n_steps = job.cfg.tokens // job.cfg.batch_size
+        self.sae = self.arm.build(job.sae_cfg, seed=job.cfg.seed).to(device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=job.cfg.lr, eps=job.cfg.adam_eps, fused=True)
+        self.k_aux = job.cfg.k_aux or job.sae_cfg.d_in // 2
+        self.tsf = torch.zeros(job.sae_cfg.d_sae, dtype=torch.long, device=device)
+        self.history: list[dict] = []
+        self.start = 0
+        self.ckpt_dir = Path(job.ckpt_dir) if job.ckpt_dir else None
+        if self.ckpt_dir is not None:
+            resumed = load_checkpoint(self.ckpt_dir, self.sae, self.opt)
+            if resumed is not None:
+                self.start, self.tsf, self.history = resumed
+
+    def step(self, step: int, x: torch.Tensor, g: torch.Tensor | None) -> dict | None:
+        """One optimiser step on batch (x, g); returns the history row when this step is logged."""
+        sae, cfg, opt = self.sae, self.cfg, self.opt
+        if step == 0:
+            sae.init_b_dec(x)
+        dead = self.tsf >= cfg.dead_tokens
+        out = self.arm.loss(sae, x, g, dead if cfg.aux_coef > 0 else None, self.k_aux, cfg)
+        loss = out.total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not _all_finite(sae, loss):
+            where = f"; the last good checkpoint in {self.ckpt_dir} is kept" if self.ckpt_dir else ""
+            raise TrainingDiverged(f"non-finite loss or gradient at step {step} (loss={loss.item()}){where}. "
+                                   f"Lower train.lr or check the harvested data for inf/NaN.")
+        sae.remove_gradient_parallel_to_decoder()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_multiplier(step, self.n_steps, cfg)
+        opt.step()
+        sae.set_decoder_norm_to_unit()
+
+        with torch.no_grad():
+            fired = torch.zeros(self.sae_cfg.d_sae, dtype=torch.bool, device=self.device)
+            fired[out.top_indices[out.top_acts > 0]] = True
+            self.tsf += x.shape[0]
+            self.tsf[fired] = 0
+        row = None
+        if step % self.log_every == 0 or step == self.n_steps - 1:
+            row = {"step": step, "tokens": (step + 1) * x.shape[0], "lr": opt.param_groups[0]["lr"],
+                   **{name: term.item() for name, term in out.terms.items()},
+                   "l0": (out.top_acts > 0).sum(-1).float().mean().item(),
+                   "dead_fraction": (self.tsf >= cfg.dead_tokens).float().mean().item()}
+            self.history.append(row)
+        if self.ckpt_dir is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < self.n_steps:
+            save_checkpoint(self.ckpt_dir, sae, opt, self.tsf, step + 1, self.history)
+        return row
+
+
+def train_saes(
+    jobs: list[Job],
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | Iterable,
+    *,
+    progress: bool = True,
+    desc: str = "train",
+    log_every: int = 10,
+    device: torch.device | str | None = None,
+) -> list[TrainResult]:
+    """Train several SAEs on ONE pass over ``batches`` (each batch read and moved once, stepped by every SAE).
+    The jobs must share the stream: the same ``tokens``, ``batch_size`` and ``seed``. Each SAE does exactly the
+    steps it would do alone (``train_sae``), so its bytes do not depend on its companions; each resumes from its
+    own checkpoint. ``seconds`` of every result is the wall time of the shared loop."""
+    device = torch.device(device or "cpu")
+    stream_keys = {(j.cfg.tokens, j.cfg.batch_size, j.cfg.seed) for j in jobs}
+    if len(stream_keys) != 1:
+        raise ValueError(f"train_saes needs jobs that share one stream (tokens, batch_size, seed); got {stream_keys}")
+    runs = [_Run(j, device, log_every) for j in jobs]
+    n_steps, start = runs[0].n_steps, min(r.start for r in runs)
+    stream = iter(batches() if callable(batches) else batches)
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_steps, initial=start, desc=desc, unit="tok", unit_scale=jobs[0].cfg.batch_size,
+               disable=not progress, leave=False)
+    with bar:
+        for step in range(n_steps):
+            try:
+                batch = next(stream)
+            except StopIteration:
+                raise ValueError(f"the batch stream ended after {step} of {n_steps} steps; "
+                                 f"give more data or lower train.tokens") from None
+            if step < start:
+                continue  # replaying the deterministic stream up to the earliest checkpoint
+            x, g = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+            x, g = to_device(x, device), None if g is None else to_device(g, device)
+            for run in runs:
+                if step >= run.start:
+                    row = run.step(step, x, g)
+                    if row is not None:
+                        bar.set_postfix(l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2%}")
+            bar.update(1)
+    seconds = time.perf_counter() - t0
+    return [TrainResult(r.sae, r.history, r.tsf, n_steps * r.cfg.batch_size, seconds) for r in runs]
 
 
 def train_sae(
@@ -117,75 +229,18 @@ def train_sae(
     progress: bool = True,
     desc: str = "train",
     log_every: int = 10,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train one SAE of ``arm`` (an ``Arm`` or its registered name) on ``batches`` (an iterable, or a
     zero-argument callable returning an iterator, of (x [N, d_in], g [N, d_in]) float32 batches of
     ``cfg.batch_size`` rows; x alone is accepted when the arm ignores g).
 
     The number of steps is ``cfg.tokens // cfg.batch_size``. With ``ckpt_dir``, training resumes from
-    the latest valid checkpoint there (skipping the batches already consumed)."""
-    arm = arms.get(arm) if isinstance(arm, str) else arm
-    n_steps = cfg.tokens // cfg.batch_size
-    sae = arm.build(sae_cfg, seed=cfg.seed)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
-    k_aux = cfg.k_aux or sae_cfg.d_in // 2
-    tsf = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
-    history: list[dict] = []
-    start = 0
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
-    if ckpt_dir is not None:
-        resumed = load_checkpoint(ckpt_dir, sae, opt)
-        if resumed is not None:
-            start, tsf, history = resumed
-
-    stream = iter(batches() if callable(batches) else batches)
-    t0 = time.perf_counter()
-    bar = tqdm(total=n_steps, initial=start, desc=desc, unit="tok", unit_scale=cfg.batch_size, disable=not progress,
-               leave=False)
-    for step in range(n_steps):
-        try:
-            batch = next(stream)
-        except StopIteration:
-            raise ValueError(f"the batch stream ended after {step} of {n_steps} steps; "
-                             f"give more data or lower train.tokens") from None
-        if step < start:
-            continue  # replaying the deterministic stream up to the checkpoint
-        x, g = (batch if isinstance(batch, (tuple, list)) else (batch, None))
-        if step == 0:
-            sae.init_b_dec(x)
-        dead = tsf >= cfg.dead_tokens
-        out = arm.loss(sae, x, g, dead if cfg.aux_coef > 0 else None, k_aux, cfg)
-        loss = out.total
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if not _all_finite(sae, loss):
-            bar.close()
-            where = f"; the last good checkpoint in {ckpt_dir} is kept" if ckpt_dir else ""
-            raise TrainingDiverged(f"non-finite loss or gradient at step {step} (loss={loss.item()}){where}. "
-                                   f"Lower train.lr or check the harvested data for inf/NaN.")
-        sae.remove_gradient_parallel_to_decoder()
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_multiplier(step, n_steps, cfg)
-        opt.step()
-        sae.set_decoder_norm_to_unit()
-
-        with torch.no_grad():
-            fired = torch.zeros(sae_cfg.d_sae, dtype=torch.bool)
-            fired[out.top_indices[out.top_acts > 0]] = True
-            tsf += x.shape[0]
-            tsf[fired] = 0
-        if step % log_every == 0 or step == n_steps - 1:
-            row = {"step": step, "tokens": (step + 1) * x.shape[0], "lr": opt.param_groups[0]["lr"],
-                   **{name: term.item() for name, term in out.terms.items()},
-                   "l0": (out.top_acts > 0).sum(-1).float().mean().item(),
-                   "dead_fraction": (tsf >= cfg.dead_tokens).float().mean().item()}
-            history.append(row)
-            bar.set_postfix(loss=f"{loss.item():.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2%}")
-        bar.update(1)
-        if ckpt_dir is not None and ((step + 1) % cfg.checkpoint_every == 0) and step + 1 < n_steps:
-            save_checkpoint(ckpt_dir, sae, opt, tsf, step + 1, history)
-    bar.close()
-    return TrainResult(sae, history, tsf, n_steps * cfg.batch_size, time.perf_counter() - t0)
+    the latest valid checkpoint there (skipping the batches already consumed). ``device`` (default CPU): where
+    the SAE, its optimiser state and counters live; the weights are initialised on the CPU with the seed and
+    then moved, so every device starts from the same bits; batches are moved there as they arrive."""
+    return train_saes([Job(arm, sae_cfg, cfg, ckpt_dir)], batches, progress=progress, desc=desc,
+                      log_every=log_every, device=device)[0]
 
 
 @contextlib.contextmanager

@@ -71,7 +71,8 @@ def l1_arm():
 def tiny_lm() -> HookedTransformer:
     torch.manual_seed(0)
     return HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=32,
-                                                     d_vocab=50, n_ctx=16, act_fn="gelu", normalization_type="LN"))
+                                                     d_vocab=50, n_ctx=16, act_fn="gelu", normalization_type="LN",
+                                                     device="cpu"))
 
 
 def test_a_registered_arm_runs_train_save_saelens_load_evaluate(l1_arm, tmp_path):

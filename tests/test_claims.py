@@ -162,6 +162,22 @@ def test_missing_metric_is_not_tested(prereg):
     assert v["C2"].verdict == v["C3"].verdict == v["C4"].verdict == "not tested"
 
 
+def test_a_metric_every_row_lists_as_not_measured_is_not_measured(prereg):
+    """An OpenWebText run has no POS tags: the probe stage records probe_auc_pos as not measured, and C4 says so
+    (in the table too) instead of failing; a metric missing from only some rows stays "not tested"."""
+    rows = Results().set("delta_ce", shift(0.5, 0), shift(0.4, 0, noise=0.005)).list()
+    for r in rows:
+        r["not_measured"] = ["probe_auc_pos"]
+    v = by_claim(C.verdicts(prereg, rows))
+    assert v["C1"].verdict == "replicated" and v["C4"].verdict == "not measured"
+    assert v["C2"].verdict == "not tested"
+    rob = C.sensitivity(prereg, rows)["C4"]
+    assert rob.label == "not measured" and R.readme_verdict(rob) == "not measured"
+    assert "not measured" in R._effect_cell(v["C4"])
+    rows[0]["not_measured"] = []
+    assert by_claim(C.verdicts(prereg, rows))["C4"].verdict == "not tested"
+
+
 def test_a_missing_k_counts_as_not_supported(prereg):
     rows = Results().set("delta_ce", shift(0.5, 0), shift(0.4, 0, noise=0.005), ks=(8, 16, 32)).list()
     v = by_claim(C.verdicts(prereg, rows))["C1"]

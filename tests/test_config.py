@@ -92,7 +92,13 @@ def test_the_shipped_profiles_are_valid():
 
 
 def test_paper_profile_fails_fast_offline_but_dry_run_validates(monkeypatch):
+    from test_projection import COSTS
+
+    from gsae import projection
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(projection, "measure_costs", lambda p, device: COSTS)  # measured for real in test_projection
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _: type("U", (), {"free": 10**12})())
     p = load_profile("paper")
     with pytest.raises(ConfigError, match="hub"):
         pipeline.check(p)

@@ -256,7 +256,8 @@ def test_pick_latents_deterministic_and_deduplicated():
 def test_with_tiny_model_and_gsae_matches_dense_reference():
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64,
-                                                      d_vocab=100, n_ctx=32, act_fn="gelu", normalization_type="LN"))
+                                                      d_vocab=100, n_ctx=32, act_fn="gelu", normalization_type="LN",
+                                                      device="cpu"))
     ctx = torch.randint(0, 100, (16, 12))
     _, cache = model.run_with_cache(ctx, names_filter="blocks.1.hook_resid_pre")
     x = cache["blocks.1.hook_resid_pre"].reshape(-1, 32)

@@ -248,3 +248,48 @@ def test_openwebtext_offline_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="brown\\+sotu"):
         data.load_openwebtext(10)
+
+
+def test_openwebtext_from_a_local_copy(tmp_path):
+    from gsae.standins import write_openwebtext_like
+
+    jsonl = write_openwebtext_like(tmp_path / "owt.jsonl", n_docs=5, seed=1)
+    docs = data.load_corpus("openwebtext", tmp_path, openwebtext_docs=4, source=jsonl)
+    texts = [json.loads(line)["text"] for line in jsonl.read_text().splitlines()]
+    assert [d.text for d in docs] == texts[:4] and docs[0].doc_id == "openwebtext/0" and not docs[0].spans
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i, t in enumerate(texts):
+        (txt / f"{i:03d}.txt").write_text(t)
+    assert [d.text for d in data.load_openwebtext(5, txt)] == texts
+    with pytest.raises(ValueError, match="data.documents=9 but the local copy .* holds only 5"):
+        data.load_openwebtext(9, jsonl)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a JSON object with a 'text' field"):
+        data.load_openwebtext(2, bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_openwebtext(2, tmp_path / "nope.jsonl")
+
+
+def test_openwebtext_stream_errors_name_the_dataset_and_the_real_cause(monkeypatch):
+    import datasets
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def fail(exc):
+        def load_dataset(*a, **k):
+            raise exc
+        return load_dataset
+
+    monkeypatch.setattr(datasets, "load_dataset", fail(ConnectionError("Name or service not known")))
+    with pytest.raises(RuntimeError, match="could not reach the Hugging Face Hub to stream Skylion007/openwebtext"):
+        data.load_openwebtext(3)
+    monkeypatch.setattr(datasets, "load_dataset", fail(KeyError("text")))
+    with pytest.raises(RuntimeError, match=r"reading Skylion007/openwebtext failed .*KeyError.*not a network"):
+        data.load_openwebtext(3)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"text": "one"}, {"text": "two"}]))
+    assert [d.text for d in data.load_openwebtext(2)] == ["one", "two"]
+    with pytest.raises(ValueError, match="holds only 2"):
+        data.load_openwebtext(3)

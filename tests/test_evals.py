@@ -24,7 +24,7 @@ D, V, T = 32, 100, 32
 def tiny_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTransformer:
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(n_layers=2, d_model=D, d_head=8, n_heads=4, d_mlp=64, d_vocab=V, n_ctx=T,
-                                  act_fn="gelu", normalization_type="LN", dtype=dtype, seed=seed)
+                                  act_fn="gelu", normalization_type="LN", dtype=dtype, seed=seed, device="cpu")
     return HookedTransformer(cfg)
 
 

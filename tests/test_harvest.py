@@ -28,7 +28,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 def tiny_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTransformer:
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=100, n_ctx=32,
-                                  act_fn="gelu", normalization_type="LN", dtype=dtype, seed=seed)
+                                  act_fn="gelu", normalization_type="LN", dtype=dtype, seed=seed, device="cpu")
     return HookedTransformer(cfg)
 
 
@@ -398,3 +398,34 @@ def test_label_free_harvest_stores_g_free_and_the_reader_serves_it(model, tmp_pa
     assert torch.equal(g, rows.g_free[order])
     with pytest.raises(KeyError, match="label_free_splits"):
         next(H.ActivationReader(tmp_path).batches(8, seed=0, epochs=1, gradient="g_nonexistent"))
+
+
+# ------------------------------------------------------------------ storage dtypes
+
+
+def test_bfloat16_storage_and_the_float16_underflow_and_overflow_checks(model, tmp_path, monkeypatch):
+    cfg = HarvestConfig(batch_contexts=4, shard_tokens=64, dtype="bfloat16", exclude_pos0=True)
+    H.harvest(model, CTX, HOOK, tmp_path / "bf16", n_tokens=40, cfg=cfg, progress=False)
+    assert load_tensors(tmp_path / "bf16" / "shard_00000.safetensors")["g"].dtype == torch.bfloat16
+    rows = H.ActivationReader(tmp_path / "bf16").load_all()
+    cap = H.capture(model, CTX[:5], HOOK)
+    assert rows.g.dtype == torch.float32 and torch.equal(rows.g[:8], cap.g[0, 1:9].bfloat16().float())
+
+    real = H.capture
+
+    def scaled(gx: float, gg: float):
+        def capture(*a, **k):
+            c = real(*a, **k)
+            return c._replace(x=c.x * gx, g=c.g * gg)
+        return capture
+
+    # |g| ~ 1e-3 x 1e-6: most entries fall below float16's smallest subnormal (6e-8) and round to 0.
+    monkeypatch.setattr(H, "capture", scaled(1.0, 1e-6))
+    fp16 = HarvestConfig(batch_contexts=4, shard_tokens=64, dtype="float16", exclude_pos0=True)
+    with pytest.raises(FloatingPointError, match=r"round to zero in harvest.dtype=float16.*bfloat16"):
+        H.harvest(model, CTX, HOOK, tmp_path / "under", n_tokens=40, cfg=fp16, progress=False)
+    H.harvest(model, CTX, HOOK, tmp_path / "under_bf16", n_tokens=40, cfg=cfg, progress=False)  # float32's range
+    monkeypatch.setattr(H, "capture", scaled(1e5, 1.0))  # |x| ~ 1e5 > 65,504
+    with pytest.raises(FloatingPointError, match="x overflows"):
+        H.harvest(model, CTX, HOOK, tmp_path / "over", n_tokens=40, cfg=fp16, progress=False)
+    assert not list((tmp_path / "under").glob("shard_*")) and not list((tmp_path / "over").glob("shard_*"))

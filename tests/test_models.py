@@ -32,7 +32,7 @@ SENTENCES = [
 def _random_lm(seed: int = 0) -> HookedTransformer:
     return HookedTransformer(HookedTransformerConfig(
         n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=100, n_ctx=32, act_fn="gelu",
-        normalization_type="LN", seed=seed))
+        normalization_type="LN", seed=seed, device="cpu"))
 
 
 # ------------------------------------------------------------------------------------------------

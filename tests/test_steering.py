@@ -26,7 +26,7 @@ T = 12
 def tiny_model(normalization_type: str = "LN", seed: int = 0) -> HookedTransformer:
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=100, n_ctx=32,
-                                  act_fn="gelu", normalization_type=normalization_type, seed=seed)
+                                  act_fn="gelu", normalization_type=normalization_type, seed=seed, device="cpu")
     model = HookedTransformer(cfg)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # non-trivial norm weights, so folding them (or not) matters

@@ -1,5 +1,6 @@
 """Training loop: it learns, it is exactly reproducible, it resumes, it stops on NaN, and the arms share data."""
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -189,3 +190,42 @@ def test_torch_threads_sets_and_restores_the_thread_count():
     assert torch.get_num_threads() == before
     with torch_threads(0):  # 0 leaves torch's setting alone
         assert torch.get_num_threads() == before
+
+
+def test_saes_sharing_one_stream_train_as_they_would_alone(tmp_path):
+    """train_saes steps several SAEs on one pass over the batches; each ends with the bytes it gets alone, also when
+    one of them resumes from a checkpoint and the others start from scratch."""
+    from gsae.train import Job, train_saes
+
+    jobs = [Job(*cfgs(0.0)), Job(*cfgs(1.0)), Job(*cfgs(1.0, aux_coef=0.0))]
+    alone = [train_sae(j.arm, j.sae_cfg, j.cfg, lambda: synthetic_stream(0, 100), progress=False) for j in jobs]
+    reads = []
+
+    def counted():
+        for batch in synthetic_stream(0, 100):
+            reads.append(1)
+            yield batch
+
+    together = train_saes(jobs, counted, progress=False)
+    assert [weights_hash(r.sae) for r in together] == [weights_hash(r.sae) for r in alone]
+    assert len(reads) == 40  # one pass for the three SAEs
+    assert all(a.history == b.history for a, b in zip(alone, together, strict=True))
+
+    # The g-SAE was checkpointed at step 21 before a crash; its companions start from scratch.
+    ckpt = tmp_path / "ckpt"
+    arm, s, t = cfgs(1.0)
+    half = (arm, s, dataclasses.replace(t, checkpoint_every=21))
+
+    def crash_after_22():
+        for i, batch in enumerate(synthetic_stream(0, 100)):
+            if i == 22:
+                raise RuntimeError("crash")
+            yield batch
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train_sae(*half, crash_after_22, ckpt_dir=ckpt, progress=False)
+    resumed = train_saes([jobs[0], Job(*half, ckpt), jobs[2]], lambda: synthetic_stream(0, 100), progress=False)
+    assert weights_hash(resumed[1].sae) == weights_hash(alone[1].sae)
+    assert weights_hash(resumed[0].sae) == weights_hash(alone[0].sae)
+    with pytest.raises(ValueError, match="share one stream"):
+        train_saes([jobs[0], Job(*cfgs(0.0, seed=1))], lambda: synthetic_stream(0, 100), progress=False)

@@ -39,7 +39,8 @@ def contexts(p: Profile, tokenizer: Any, model_hash: str) -> dict[str, SplitCont
     stage = _stage_dir(p, model_hash)
     m = io.read_manifest(stage)
     if m is None:
-        docs = data.load_corpus(p.data.corpus, cache_dir() / "corpus")
+        docs = data.load_corpus(p.data.corpus, cache_dir() / "corpus", openwebtext_docs=p.data.documents,
+                                source=p.data.source)
         splits = data.split_documents(docs, p.data.split_fracs, p.data.split_seed)
         vocab = data.tag_vocabulary(docs)
         genres = tuple(sorted({d.genre for d in docs}))
@@ -50,9 +51,11 @@ def contexts(p: Profile, tokenizer: Any, model_hash: str) -> dict[str, SplitCont
             counts[split] = {"documents": len(splits[split]), "contexts": len(c.tokens),
                              "tokens": int(c.tokens.numel()), "harvest_contexts": need}
             if need > len(c.tokens):
+                more = (f", or raise data.documents (now {len(docs)} documents)" if p.data.corpus == "openwebtext"
+                        else "")
                 raise ConfigError(
                     f"harvest.tokens.{split}={p.harvest.tokens[split]} needs {need} contexts but the {split} split "
-                    f"has only {len(c.tokens)} ({len(c.tokens) * rows_per_context(p)} usable tokens); lower it")
+                    f"has only {len(c.tokens)} ({len(c.tokens) * rows_per_context(p)} usable tokens); lower it{more}")
             perm = torch.randperm(len(c.tokens), generator=torch.Generator().manual_seed(p.data.split_seed + i))[:need]
             tensors[f"{split}.tokens"] = c.tokens[perm].contiguous()
             tensors[f"{split}.pos_tags"] = c.pos_tags[perm].contiguous()

@@ -11,6 +11,7 @@ import torch
 
 from .. import evals, io
 from ..config import Profile
+from ..runtime import module_device, to_device
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
 from .contexts import contexts
 from .harvest import reader
@@ -46,14 +47,29 @@ def eval_tokens(p: Profile, lm, split: str):
 
 def _eval_context(p: Profile, lm, split: str):
     """``eval_tokens`` plus what the splice evaluation alone needs from the train split: the ablation baselines
-    on those tokens (mean ablation uses the train mean) and the massive-activation norm cap."""
+    on those tokens (mean ablation uses the train mean) and the massive-activation norm cap. The train split is
+    streamed when it is large (``ActivationReader.statistics``), never loaded whole."""
     mh = lm.info["model_hash"]
     tokens, rd = eval_tokens(p, lm, split)
-    train_x = reader(p, "train", mh).load_all().x
-    base = evals.ablation_baselines(lm.model, tokens, p.model.hook_name, mean_act=train_x.mean(0),
+    train = train_statistics(p, mh)
+    base = evals.ablation_baselines(lm.model, tokens, p.model.hook_name, mean_act=train.mean,
                                     exclude_pos0=p.harvest.exclude_pos0, batch_contexts=p.eval.batch_contexts,
                                     progress=False)
-    return tokens, base, rd, massive_norm_cap(train_x)
+    return tokens, base, rd, MASSIVE_NORM_FACTOR * train.median_norm
+
+
+_STATS: dict[tuple[str, str], Any] = {}
+
+
+def train_statistics(p: Profile, model_hash: str):
+    """The train split's mean activation and median norm (``ActivationReader.statistics``), computed once per
+    process and harvest: the selection rounds and the test evaluation all need them, and at paper scale each pass
+    streams the whole 154 GB train split."""
+    rd = reader(p, "train", model_hash)
+    key = (str(rd.dir), str(rd.manifest.get("plan_hash")))
+    if key not in _STATS:
+        _STATS[key] = rd.statistics()
+    return _STATS[key]
 
 
 def massive_norm_cap(train_x: torch.Tensor, factor: float = MASSIVE_NORM_FACTOR) -> float:
@@ -63,30 +79,51 @@ def massive_norm_cap(train_x: torch.Tensor, factor: float = MASSIVE_NORM_FACTOR)
     return factor * median_activation_norm(train_x)
 
 
-def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor | None, mode: str, chunk: int = 4096,
-                       norm_cap: float | None = None) -> dict[str, Any]:
-    """FVU, MSE, L0 and per-latent firing counts of one encoder over harvested rows (no LM forward needed); ``g``
-    is the gradient that encoder uses (ignored for ``mode="plain"``).
+ACT_CHUNK = 4096
+"""Rows per encode in the activation metrics (the split is streamed in chunks of this size)."""
+
+
+class ActivationMetrics:
+    """FVU, MSE, L0 and per-latent firing counts of one encoder, accumulated over chunks of harvested rows.
 
     With ``norm_cap`` also ``fvu_typical``: the pooled FVU over the rows whose norm is at most ``norm_cap``
     (see ``MASSIVE_NORM_FACTOR``), and ``n_massive``, the number of rows left out of it."""
-    stats, typical = evals.ReconstructionStats(sae.cfg.d_sae), evals.ReconstructionStats(sae.cfg.d_sae)
-    n_massive = 0
-    with torch.no_grad():
-        for i in range(0, len(x), chunk):
-            xb = x[i:i + chunk]
-            enc = sae.encode(xb, None if mode == "plain" or g is None else g[i:i + chunk])
-            x_hat = sae.decode(enc.top_acts, enc.top_indices)
-            stats.add(xb, x_hat, enc.top_acts, enc.top_indices)
-            if norm_cap is not None:
-                keep = xb.norm(dim=-1) <= norm_cap
-                n_massive += int((~keep).sum())
-                typical.add(xb[keep], x_hat[keep], enc.top_acts[keep], enc.top_indices[keep])
-    out = {"fvu": stats.fvu, "mse": stats.mse, "l0": stats.l0, "counts": stats.counts, "n_act_tokens": stats.n,
-           "dead_fraction": float((stats.counts == 0).double().mean())}
-    if norm_cap is not None:
-        out.update(fvu_typical=typical.fvu, n_massive=n_massive, massive_norm_cap=norm_cap)
-    return out
+
+    def __init__(self, sae, mode: str, norm_cap: float | None = None):
+        self.sae, self.mode, self.norm_cap = sae, mode, norm_cap
+        self.stats, self.typical = evals.ReconstructionStats(sae.cfg.d_sae), evals.ReconstructionStats(sae.cfg.d_sae)
+        self.n_massive = 0
+
+    @torch.no_grad()
+    def add(self, xb: torch.Tensor, gb: torch.Tensor | None) -> None:
+        """One chunk of rows (on the SAE's device, or moved there) and the gradient this encoder uses (ignored
+        for ``mode="plain"``)."""
+        device = module_device(self.sae)
+        xb = to_device(xb, device)
+        enc = self.sae.encode(xb, to_device(gb, device) if self.mode != "plain" and gb is not None else None)
+        x_hat = self.sae.decode(enc.top_acts, enc.top_indices)
+        self.stats.add(xb, x_hat, enc.top_acts, enc.top_indices)
+        if self.norm_cap is not None:
+            keep = xb.norm(dim=-1) <= self.norm_cap
+            self.n_massive += int((~keep).sum())
+            self.typical.add(xb[keep], x_hat[keep], enc.top_acts[keep], enc.top_indices[keep])
+
+    def result(self) -> dict[str, Any]:
+        stats = self.stats
+        out = {"fvu": stats.fvu, "mse": stats.mse, "l0": stats.l0, "counts": stats.counts, "n_act_tokens": stats.n,
+               "dead_fraction": float((stats.counts == 0).double().mean())}
+        if self.norm_cap is not None:
+            out.update(fvu_typical=self.typical.fvu, n_massive=self.n_massive, massive_norm_cap=self.norm_cap)
+        return out
+
+
+def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor | None, mode: str, chunk: int = ACT_CHUNK,
+                       norm_cap: float | None = None) -> dict[str, Any]:
+    """``ActivationMetrics`` of one encoder over the rows ``x`` and its gradient ``g`` (no LM forward needed)."""
+    acc = ActivationMetrics(sae, mode, norm_cap)
+    for i in range(0, len(x), chunk):
+        acc.add(x[i:i + chunk], None if g is None else g[i:i + chunk])
+    return acc.result()
 
 
 def standard_names(lm_part: dict[str, Any], act: dict[str, Any]) -> dict[str, float]:
@@ -101,9 +138,11 @@ def standard_names(lm_part: dict[str, Any], act: dict[str, Any]) -> dict[str, fl
 def dead_fraction_over(sae, rd, mode: str, batch: int = 8192) -> float:
     """Fraction of latents that never fire on every row of a harvested split (``rd``), under encoder ``mode``:
     C2's window in v2 (the whole training split, far larger than the test split)."""
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    device = module_device(sae)
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
     with torch.no_grad():
-        for x, g in rd.batches(batch, seed=0, epochs=1, gradient="g_free" if mode == "g_free" else "g"):
+        for x, g in rd.batches(batch, seed=0, epochs=1, device=device,
+                               gradient="g_free" if mode == "g_free" else "g"):
             enc = sae.encode(x, None if mode == "plain" else g)
             fired[enc.top_indices[enc.top_acts > 0]] = True
     return float((~fired).double().mean())
@@ -115,23 +154,30 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
 
     LM-based metrics (spliced CE, KL, CE recovered) come from one pass over the split's first
     ``eval.lm_contexts`` contexts shared by every SAE; activation-based metrics (FVU, MSE, L0, firing counts,
-    dead fraction) from every harvested token of the split."""
+    dead fraction) from every harvested token of the split, streamed once in chunks for all SAEs. Everything
+    runs on the LM's device."""
     mh = lm.info["model_hash"]
     name = eval_file(p, split)
     todo = [s for s in specs if not (sae_dir(p, s, mh) / name).exists()]
     if todo:
+        device = module_device(lm.model)
         tokens, base, rd, cap = _eval_context(p, lm, split)
-        saes = {s.name: load_trained(p, s, mh) for s in todo}
-        rows = rd.load_all()
-        modes = evals.ENCODE_MODES + (("g_free",) if rows.g_free is not None else ())
+        saes = {s.name: load_trained(p, s, mh, device) for s in todo}
+        modes = evals.ENCODE_MODES + (("g_free",) if split in p.harvest.label_free_splits else ())
         res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base, encode_modes=modes,
                                   batch_contexts=p.eval.batch_contexts, progress=progress,
                                   clean_above=cap if p.eval.massive == "clean" else None)
+        acc = {(s.name, mode): ActivationMetrics(saes[s.name], mode, cap) for s in todo for mode in res[s.name]}
+        for rows in rd.chunks(ACT_CHUNK):
+            x = to_device(rows.x, device)  # moved once, shared by every SAE
+            grads = {m: to_device(rows.gradient(m), device) for m in modes if m != "plain"}
+            for (_, mode), a in acc.items():
+                a.add(x, grads.get(mode))
         for s in todo:
             d = sae_dir(p, s, mh)
             out, counts = {}, {}
             for mode, r in res[s.name].items():
-                act = activation_metrics(saes[s.name], rows.x, rows.gradient(mode), mode, norm_cap=cap)
+                act = acc[s.name, mode].result()
                 counts[mode] = act.pop("counts")
                 lm_part = {f"{k}_lm_subset" if k in ("fvu", "mse", "l0", "dead_fraction") else k: v
                            for k, v in r.scalars().items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .. import arms, io
+from .. import arms, distributed, io
 from ..config import Profile
 from ..paths import registry_append, results_dir
 from ..specs import SAESpec, sae_config
@@ -34,13 +34,12 @@ def _spec(p: Profile, arm: str, d_in: int, gs: float, lr: float, seed: int, toke
 
 
 def _score(p: Profile, lm, specs: list[SAESpec], progress: bool) -> dict[str, dict[str, Any]]:
-    from .evaluate import evaluate_specs
-    from .train import train_one
+    """Train ``specs`` (spread over the ranks of a torchrun launch) and their plain-encode validation metrics
+    (rank 0 evaluates, the others read its files)."""
+    from .train import _evaluate_on_main, train_specs
 
-    rd = reader(p, "train", lm.info["model_hash"])
-    for s in specs:
-        train_one(p, s, rd, lm.info["model_hash"], progress)
-    ev = evaluate_specs(p, lm, specs, "val", progress)
+    train_specs(p, lm, specs, reader(p, "train", lm.info["model_hash"]), progress)
+    ev = _evaluate_on_main(p, lm, specs, progress)
     return {s.name: ev[s.name]["metrics"]["plain"] for s in specs}
 
 
@@ -95,8 +94,10 @@ def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
         curves[arm] = {str(tok[m]): res[s.name] for m, s in specs.items()}
     out = {"split": "val", "seed": seed, "primary_tokens": p.train.tokens, "curves": curves,
            "provenance": io.provenance(profile=p.to_dict())}
-    io.write_json(path, out)
-    registry_append(p, {"event": "convergence_done"})
+    if distributed.is_main():
+        io.write_json(path, out)
+        registry_append(p, {"event": "convergence_done"})
+    distributed.barrier()
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 from .. import io, steering
 from ..config import Profile
 from ..paths import run_dir
+from ..runtime import module_device
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
 from .evaluate import eval_tokens, firing_counts
 
@@ -32,7 +33,7 @@ def summarise(alphas_rel: list[float], kl: list[list[float]], gain: list[list[fl
 def _steering_inputs(p: Profile, lm) -> tuple[torch.Tensor, float, list[float]]:
     """The steered contexts (seeded sample of the test split), the median test-activation norm and the alphas."""
     tokens, rd = eval_tokens(p, lm, "test")
-    x_norm = steering.median_activation_norm(rd.load_all().x)
+    x_norm = rd.statistics().median_norm  # streamed when the split is large
     ctx_idx = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))[:p.steering.n_contexts]
     return tokens[ctx_idx], x_norm, list(p.steering.alphas)
 
@@ -50,8 +51,8 @@ def control(p: Profile, lm) -> dict[str, Any]:
     if not path.exists():
         ctx, x_norm, alphas_rel = _steering_inputs(p, lm)
         dirs = random_directions(p.steering.n_latents, lm.model.cfg.d_model)
-        r = steering.steer(lm.model, dirs, ctx, p.model.hook_name, [a * x_norm for a in alphas_rel],
-                           first=int(p.harvest.exclude_pos0), progress=False)
+        r = steering.steer(lm.model, dirs.to(module_device(lm.model)), ctx, p.model.hook_name,
+                           [a * x_norm for a in alphas_rel], first=int(p.harvest.exclude_pos0), progress=False)
         kl = r.kl.tolist()
         io.write_json(path, {"alphas_rel": alphas_rel, "median_norm": x_norm, "kl": kl,
                              "mean_kl": {str(float(a)): float(torch.tensor(kl)[:, j].mean())
@@ -70,7 +71,7 @@ def run_steering(p: Profile, lm, specs: list[SAESpec], progress: bool = True) ->
         ctx, x_norm, alphas_rel = _steering_inputs(p, lm)
         ctrl = control(p, lm)["mean_kl"]
         for s in todo:
-            sae = load_trained(p, s, mh)
+            sae = load_trained(p, s, mh, module_device(lm.model))
             ids = steering.sample_live_latents(firing_counts(p, lm, s)[s.primary_encode], cfg.n_latents, seed=0)
             dirs = sae.W_dec.detach()[ids]
             top = steering.promoted_tokens(lm.model, dirs, cfg.top_tokens)

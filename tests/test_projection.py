@@ -1,0 +1,79 @@
+"""gsae.projection: the stage-by-stage work of a profile counted by hand, the OpenWebText budget check, the dry run's
+disk refusal after its table, and a real (tiny-shape) cost measurement on this machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gsae import pipeline, projection
+from gsae.config import ConfigError, load_profile
+
+COSTS = projection.StepCosts("cpu", harvest_s_per_token=1e-6, forward_s_per_token=2e-6,
+                             sae_step_s={"topk": 1.0, "gsae": 2.0}, encode_s_per_row=1e-7, gpu_peak_bytes={})
+
+
+def test_paper_work_counted_by_hand():
+    p = load_profile("paper")
+    stages = {s.name: s for s in projection.project(p, COSTS)}
+    # 126 kept rows per 128-token context: 396,840 + 7,940 + 15,880 contexts forward + backward.
+    assert stages["harvest"].seconds == pytest.approx((396_840 + 7_940 + 15_880) * 128 * 1e-6)
+    # 4 lr trials + 1 edge (TopK), 4 beta trials + 1 edge (g-SAE); grid 5 k x 3 seeds per arm; variants at k 16 and
+    # 64 x 3 seeds: auxk_off for TopK, auxk_off + value_mode_score + grad_norm_token for the g-SAE.
+    per_arm, n_trials, n_grid = projection.count_saes(p)
+    assert per_arm == {"topk": 4 + 1 + 15 + 6, "gsae": 4 + 1 + 15 + 18} and (n_trials, n_grid) == (10, 54)
+    steps = 200_000_000 // 4096
+    assert stages["select"].seconds == pytest.approx((5 * 1.0 + 5 * 2.0) * steps) and stages["select"].ranks == 4
+    assert stages["train"].seconds == pytest.approx((21 * 1.0 + 33 * 2.0) * steps) and stages["train"].ranks == 3
+    # The SAEs of one seed train together: 5 k x 2 arms + 2 variant k x (2 g-SAE variants + auxk_off for both).
+    assert projection.largest_stream_group(p) == 5 * 2 + 2 * 4
+    # x and g in float16 (2 x 768 x 2 bytes) + 3 int64 row-index entries per row; 50 + 1 + 2 shards.
+    rows = 50_001_840 + 1_000_440 + 2_000_880
+    assert stages["harvest"].disk == projection.harvest_disk_bytes(p) == rows * (2 * 768 * 2 + 24) + 8192 * 53
+    steer_rows = 1000 * 3 * 64
+    assert stages["steer"].seconds == pytest.approx(54 * steer_rows * 128 * 2e-6)
+    assert stages["probe"].seconds == pytest.approx(2 * 54 * 2_000_880 * 1e-7)
+    table = projection.format_projection(p, COSTS, list(stages.values()))
+    assert any(line.startswith("train") and "64 SAEs in all" in line for line in table)
+    # On 8 GPUs the harvest splits 50 ways, a selection round 4 ways and the grid 3 ways (one seed group each).
+    on_8 = sum(s.seconds / min(8, s.ranks) for s in stages.values())
+    assert stages["harvest"].ranks == 50 and f"{on_8 / 3600:,.1f} h on 8" in table[-1]
+
+
+def test_openwebtext_document_budget_is_checked_against_the_token_budget():
+    p = load_profile("paper")
+    notes = projection.openwebtext_budget(p)
+    assert "250,000 documents" in notes[0] and "test" in notes[0]
+    short = dataclasses.replace(p, data=dataclasses.replace(p.data, documents=100_000))
+    # test split: 15,880 contexts / (0.01 x 1040 / 128 contexts per document) = 195,447 documents.
+    need = math.ceil(15_880 / (0.01 * 1040 / 128))
+    with pytest.raises(ConfigError, match=f"at least {need:,} \\(the test split binds\\)"):
+        projection.openwebtext_budget(short)
+    assert projection.openwebtext_budget(load_profile("smoke")) == []
+
+
+def test_dry_run_shows_the_table_then_refuses_a_too_small_disk(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(projection, "measure_costs", lambda p, device: COSTS)
+    shown = []
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _: SimpleNamespace(free=10 * 2**30))
+    with pytest.raises(ConfigError, match="not enough disk for the harvest: 152.8"):
+        pipeline.check(load_profile("paper"), dry_run=True, emit=shown.append)
+    assert any(line.startswith("harvest ") and "164.1 GB" in line for line in shown)
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda _: SimpleNamespace(free=10**12))
+    notes = pipeline.check(load_profile("paper"), dry_run=True)
+    assert any("configuration valid" in n for n in notes) and any(n.startswith("total") for n in notes)
+
+
+def test_costs_are_measured_on_this_machine_at_a_small_shape():
+    torch.manual_seed(0)
+    costs = projection.measure_costs(load_profile("smoke"), torch.device("cpu"))
+    assert costs.device == "cpu" and costs.gpu_peak_bytes == {}
+    values = [costs.harvest_s_per_token, costs.forward_s_per_token, costs.encode_s_per_row,
+              *costs.sae_step_s.values()]
+    assert all(math.isfinite(v) and v > 0 for v in values), costs
+    assert set(costs.sae_step_s) == {"topk", "gsae"}

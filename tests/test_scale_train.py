@@ -1,0 +1,60 @@
+"""The train stage under torchrun (2 processes, gloo, 1 thread each): selection rounds and the SAE grid spread over
+the ranks give the same selection and the same SAE bytes as one process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from scale_helpers import finish, launch, run_stage, write_profile
+
+from gsae.io import sha256_file
+
+
+def sae_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every trained SAE's weights, by its spec name (group/arm-k-seed[-label])."""
+    (top,) = (root / "runs" / "scale" / "saes").iterdir()
+    return {str(p.parent.parent.relative_to(top)): sha256_file(p) for p in sorted(top.rglob("sae_weights.safetensors"))}
+
+
+def selection(root: Path) -> dict:
+    sel = json.loads((root / "results" / "scale" / "selection.json").read_text())
+    return {k: sel[k] for k in ("lr", "beta", "lr_trials", "beta_trials", "grad_scale")}
+
+
+def test_grid_over_two_ranks_gives_the_same_saes_as_one_process(tmp_path):
+    profile = write_profile(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    threads = torch.get_num_threads()
+    try:
+        assert run_stage(one, profile, "harvest") == 0
+        shutil.copytree(one / "runs", two / "runs")  # the same harvest under both
+        assert run_stage(one, profile, "train") == 0
+    finally:
+        torch.set_num_threads(threads)
+    code, log = finish(launch(two, profile, "train"), timeout=240)
+    assert code == 0, log[-6000:]
+
+    ref, got = sae_hashes(one), sae_hashes(two)
+    # selection: 2 lr + 2 beta trials + 2 grid-edge trials; grid: 2 k x 3 seeds x 2 arms; variants at k=4, seed 0:
+    # 2 of the g-SAE's own + auxk_off for both arms.
+    assert len(ref) == 6 + 12 + 4, sorted(ref)
+    assert got == ref, sorted(n for n in ref if got.get(n) != ref[n])
+    assert selection(two) == selection(one)
+    events = [json.loads(line) for line in (two / "results" / "scale" / "runs.jsonl").read_text().splitlines()]
+    done = [e["sae"] for e in events if e["event"] == "train_done"]
+    assert sorted(done) == sorted(ref)  # every SAE trained exactly once over the two ranks
+    print(f"2 ranks: {len(ref)} SAEs, every sha256 equal to one process; lr {selection(two)['lr']:g}, "
+          f"beta {selection(two)['beta']:g}")
+
+
+def test_stages_that_do_not_spread_are_refused_under_torchrun(monkeypatch):
+    from gsae import distributed, stages
+    from gsae.config import ConfigError, load_profile
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Dist(0, 2, 0, torch.device("cpu")))
+    with pytest.raises(ConfigError, match="stage 'evaluate' does not spread over processes; run it without torchrun"):
+        stages.run("evaluate", load_profile("smoke"))
