@@ -174,7 +174,7 @@ def openwebtext_budget(p: Profile) -> list[str]:
     """Check ``data.documents`` against the harvest budget (OpenWebText only): the expected contexts of each split
     (documents x split fraction x ``OPENWEBTEXT_TOKENS_PER_DOC`` / ctx_len) must cover what the harvest needs."""
     from .config import ConfigError
-    from .data import OPENWEBTEXT_DEFAULT_DOCS, OPENWEBTEXT_TOKENS_PER_DOC
+    from .openwebtext import OPENWEBTEXT_DEFAULT_DOCS, OPENWEBTEXT_TOKENS_PER_DOC
 
     if p.data.corpus != "openwebtext" or p.data.source:
         return []
