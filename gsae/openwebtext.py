@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .data import Document
+if TYPE_CHECKING:  # gsae.data re-exports this module's loader, so it is imported lazily here
+    from .data import Document
 
 OPENWEBTEXT = "Skylion007/openwebtext"
 OPENWEBTEXT_DEFAULT_DOCS = 20000
@@ -86,4 +88,6 @@ def load_openwebtext(n_docs: int, source: str | Path = "") -> list[Document]:
     if len(texts) < n_docs:
         where = f"the local copy {source}" if source else OPENWEBTEXT
         raise ValueError(f"data.documents={n_docs} but {where} holds only {len(texts)} documents; lower it")
+    from .data import Document
+
     return [Document(f"openwebtext/{i}", "openwebtext", "openwebtext", t) for i, t in enumerate(texts)]
