@@ -36,6 +36,7 @@ from ..release import model_info
 from ..sae import GSAE
 from ..specs import SAESpec, load_trained
 from .contexts import contexts
+from .harvest import reader
 from .probe import probe_labels
 
 GRADIENT_SELECTION_FIELDS = ("beta", "grad_norm", "value_mode")
@@ -102,7 +103,7 @@ def write_dashboards(p: Profile, lm, specs: list[SAESpec], cfg: dashboard.Dashbo
     donor = next((saes[s.arm] for s in chosen if s.arm_impl.has_gradient_encoder), None)
     donor_label = next((s.arm_impl.label for s in chosen if s.arm_impl.has_gradient_encoder), "")
     lab = probe_labels(p, lm)
-    rows = lab["rows"]
+    rows = reader(p, "test", mh).load_all()  # the test split is eval-sized; its rows align with lab's labels
     tokens = contexts(p, lm.tokenizer, mh)["test"].tokens
     W_U = lm.model.W_U.detach()
     out = DashboardPages({}, {}, {}, {}, {})
