@@ -54,7 +54,8 @@ def setup(monkeypatch, tmp_path):
     lm = SimpleNamespace(model=model, tokenizer=ToyTokenizer(), info={"model_hash": "test"})
     monkeypatch.setattr(dashboards, "load_trained", lambda p_, s, mh: saes[s.arm])
     monkeypatch.setattr(dashboards, "probe_labels",
-                        lambda p_, lm_: {"rows": rows, "pos": pos, "tag_vocab": ("nn", "vb", "jj", "at")})
+                        lambda p_, lm_: {"pos": pos, "tag_vocab": ("nn", "vb", "jj", "at")})
+    monkeypatch.setattr(dashboards, "reader", lambda p_, split, mh: SimpleNamespace(load_all=lambda: rows))
     monkeypatch.setattr(dashboards, "contexts", lambda p_, tok, mh: {"test": SimpleNamespace(tokens=ctx_tokens)})
     monkeypatch.setattr(dashboards, "results_dir", lambda p_: tmp_path / "results")
     monkeypatch.setattr(dashboards, "figures_dir", lambda p_: tmp_path / "figures")
