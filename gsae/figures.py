@@ -34,9 +34,12 @@ UNITS = {"delta_ce": "nats", "kl": "nats", "ce_spliced": "nats", "ce_clean": "na
          "fvu_typical": "fraction of variance", "dead_fraction": "fraction of latents",
          "dead_fraction_train": "fraction of latents", "l0": "latents per token", "recovered_zero": "fraction",
          "probe_auc_pos": "ROC AUC", "probe_auc_genre": "ROC AUC", "steer_kl@0.25": "nats", "steer_kl@0.5": "nats",
-         "steer_kl@1": "nats", "steer_kl": "nats"}
+         "steer_kl@1": "nats", "steer_kl": "nats", "probe_auc_pos_heldout": "ROC AUC", "ce_loss_score": "fraction",
+         "explained_variance": "fraction of variance", "kl_div": "nats",
+         "dead_fraction_trainsplit": "fraction of latents"}
 """Unit of each metric, for axis labels ("" when unknown)."""
-NONNEG = frozenset({"kl", "fvu", "fvu_typical", "dead_fraction", "dead_fraction_train", "l0", "probe_auc_pos",
+NONNEG = frozenset({"kl", "kl_div", "dead_fraction_trainsplit", "probe_auc_pos_heldout",
+                    "fvu", "fvu_typical", "dead_fraction", "dead_fraction_train", "l0", "probe_auc_pos",
                     "probe_auc_genre", "steer_kl@0.25", "steer_kl@0.5", "steer_kl@1", "steer_kl"})
 """Metrics that cannot be negative: their t-intervals are clipped at 0 in plots (delta_ce can be negative)."""
 
@@ -145,17 +148,19 @@ class PairedDifferences(NamedTuple):
 
 def paired_difference_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str], baseline: str, treatment: str,
                             encode_mode: str, baseline_encode_mode: str | None = None,
-                            variant: str = "primary") -> pd.DataFrame:
+                            variant: str = "primary", absolute: bool = False) -> pd.DataFrame:
     """Per metric and k, the seed-paired relative differences of ``treatment``'s codes under ``encode_mode``
     against ``baseline``'s (metrics.jsonl rows; see ``PairedDifferences.table``). The baseline uses
-    ``baseline_encode_mode``, by default ``encode_mode`` if the baseline reports it, else its first encoder."""
+    ``baseline_encode_mode``, by default ``encode_mode`` if the baseline reports it, else its first encoder.
+    ``absolute``: the differences in the metric's own units instead (the ``*_pct`` columns then hold those)."""
     base_arm = arms.get(baseline)
     if baseline_encode_mode is None:
         modes = base_arm.encode_modes()
         baseline_encode_mode = encode_mode if encode_mode in modes else modes[0]
-    if encode_mode not in arms.get(treatment).encode_modes():
-        raise ValueError(f"arm {treatment!r} reports encoders {arms.get(treatment).encode_modes()}, not "
-                         f"{encode_mode!r}")
+    t_arm = arms.get(treatment)
+    if encode_mode not in t_arm.encode_modes() and not (t_arm.has_gradient_encoder and encode_mode == "g_free"):
+        raise ValueError(f"arm {treatment!r} reports encoders {t_arm.encode_modes()} (and g_free if it uses the "
+                         f"gradient), not {encode_mode!r}")
 
     def values(arm: str, mode: str, metric: str) -> dict[int, dict[int, float]]:
         out: dict[int, dict[int, float]] = {}
@@ -172,7 +177,7 @@ def paired_difference_table(rows: Sequence[dict[str, Any]], metrics: Sequence[st
             if not seeds:
                 continue
             base_mean = float(np.mean([b[k][s] for s in seeds]))
-            rel = [100 * (t[k][s] - b[k][s]) / base_mean for s in seeds]
+            rel = [(t[k][s] - b[k][s]) * (1.0 if absolute else 100 / base_mean) for s in seeds]
             mean, lo, hi = interval(rel)
             table.append({"metric": m, "k": k, "n": len(seeds), "seeds": seeds, "baseline_mean": base_mean,
                           "rel_diff_pct": rel, "mean_pct": mean, "lo_pct": lo, "hi_pct": hi})
@@ -219,6 +224,54 @@ def plot_paired_differences(rows: Sequence[dict[str, Any]], metric: str | Sequen
         ax.legend(fontsize=7)
     fig.tight_layout()
     return PairedDifferences(fig, table)
+
+
+VERDICT_COLORS = {"replicated": "#2ca02c", "not replicated": "#d62728", "underpowered": "#ff7f0e",
+                  "mixed": "#9467bd", "not testable (floor)": "#7f7f7f", "not tested": "#7f7f7f"}
+"""Colour of each ledger verdict in ``plot_claims``."""
+
+
+def plot_claims(ledger_record: dict[str, Any], prereg: dict[str, Any]) -> plt.Figure:
+    """One panel per registered test (``results/<profile>/ledger.json`` and prereg v2): per k, the paired effect of
+    the g-SAE against TopK with the interval the verdict used (Bonferroni-adjusted at the primary k), coloured by
+    its verdict, the primary k drawn larger. A relative test is in % of TopK's mean (positive = g-SAE better) with
+    its minimum effect shaded; an equivalence test is in the metric's units with its margin drawn."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    panels = [(c, t) for c in ledger_record["claims"] for t in prereg["claims"][c["claim"]]["tests"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.7), squeeze=False)
+    for ax, (c, test) in zip(axes[0], panels, strict=True):
+        name = f"{test['metric']} ({test['encode_mode']})"
+        res = sorted((r for r in c["primary"] + c["curve"] if r["test"] == name), key=lambda r: r["k"])
+        relative = test["rule"] == "relative"
+        scale = 100.0 if relative else 1.0
+        if relative:
+            band = 100 * float(test["min_rel_effect"])
+            ax.axhspan(0, band, color="0.9", zorder=0, label=f"gain below the {band:g}% minimum")
+        else:
+            ax.axhline(-float(test["margin"]), color=VERDICT_COLORS["not replicated"], ls="--", lw=1,
+                       label=f"margin −{float(test['margin']):g}")
+        ax.axhline(0, color="0.3", lw=1)
+        for r in res:
+            if r["estimate"] != r["estimate"]:  # nan: not tested or at the floor
+                ax.plot([r["k"]], [0], "x", color=VERDICT_COLORS.get(r["verdict"], "0.5"), ms=7)
+                continue
+            primary = r in c["primary"]
+            est, lo, hi = (scale * r[key] for key in ("estimate", "lower", "upper"))
+            ax.errorbar([r["k"]], [est], yerr=[[est - lo], [hi - est]], fmt="o", ms=8 if primary else 5,
+                        capsize=4, color=VERDICT_COLORS.get(r["verdict"], "0.5"), lw=2 if primary else 1)
+        for verdict in dict.fromkeys(r["verdict"] for r in res):
+            ax.plot([], [], "o", color=VERDICT_COLORS.get(verdict, "0.5"), label=verdict)
+        ks = sorted({r["k"] for r in res})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([f"{k}*" if k in prereg["primary_k"] else str(k) for k in ks])
+        ax.set_xlabel("k (* = primary, decides)")
+        ax.set_ylabel("gain over TopK (% of TopK's mean)" if relative
+                      else f"g-SAE − TopK ({UNITS.get(test['metric'], 'metric units')})")
+        ax.set_title(f"{c['claim']}: {name}\n{c['verdict']}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def plot_hyperparameter_ablation(selection: dict[str, Any], baseline: str, arm: str, hp: str = "beta",
@@ -285,9 +338,41 @@ def plot_steering(df: pd.DataFrame, metric: str = "kl") -> plt.Figure:
     return fig
 
 
-def plot_probing(df: pd.DataFrame) -> plt.Figure:
-    return plot_vs_k(df, ["probe_auc_pos", "probe_auc_genre"],
-                     ["POS tags: best single latent AUC", "Genres: best single latent AUC"])
+def plot_probing(df: pd.DataFrame, rows: Sequence[dict[str, Any]] | None = None,
+                 baselines: dict[str, Any] | None = None, margin: float | None = None, baseline: str = "topk",
+                 treatment: str = "gsae", metric: str = "probe_auc_pos_heldout") -> plt.Figure:
+    """C4's probe: ``metric`` (ROC AUC) against k per arm and encoder, with the reference points of
+    ``stages.probe_baselines`` when given (raw residual dimensions: a line; a random-init SAE: per k); and, when
+    ``rows`` and ``margin`` are given, a second panel with the seed-paired difference treatment (plain-encode) −
+    baseline per k, mean and 95% t-interval, with the equivalence margin drawn at −``margin``."""
+    fig = plot_vs_k(df, [metric], ["POS tags: best single latent, chosen on val, scored on test"])
+    ax = fig.axes[0]
+    if baselines and "residual" in baselines:
+        ax.axhline(baselines["residual"][metric], color="0.35", ls="--", lw=1, label="raw residual dimension (±x_j)")
+        ks = sorted(int(k) for k in baselines["random_init"])
+        ax.plot(ks, [baselines["random_init"][str(k)][metric] for k in ks], color="0.35", ls=":", marker="s", ms=4,
+                label="random-init SAE (untrained)")
+        ax.legend(fontsize=7)
+    if rows is None or margin is None:
+        return fig
+    table = paired_difference_table(rows, [metric], baseline, treatment, "plain", absolute=True)
+    fig.set_size_inches(10, 3.8)
+    ax.set_position([0.07, 0.15, 0.4, 0.72])
+    diff = fig.add_axes([0.57, 0.15, 0.4, 0.72])
+    diff.axhline(0, color="0.3", lw=1)
+    diff.axhline(-margin, color=VERDICT_COLORS["not replicated"], ls="--", lw=1, label=f"margin −{margin:g} AUC")
+    for k, d in zip(table.k, table.rel_diff_pct, strict=True):
+        diff.plot([k] * len(d), d, "o", ms=3.5, color="0.55")
+    diff.errorbar(table.k, table.mean_pct, yerr=[table.mean_pct - table.lo_pct, table.hi_pct - table.mean_pct],
+                  fmt="o", ms=6, capsize=4, color=arms.get(treatment).color, label="mean, 95% t-interval")
+    diff.set_xscale("log", base=2)
+    diff.set_xticks(list(table.k))
+    diff.set_xticklabels([str(k) for k in table.k])
+    diff.set_xlabel("L0 = k (latents per token)")
+    diff.set_ylabel(f"{arms.get(treatment).label_for('plain')} − {arms.get(baseline).label} (ROC AUC)")
+    diff.set_title("paired difference (grey: one seed)")
+    diff.legend(fontsize=7)
+    return fig
 
 
 def save_figure(fig: plt.Figure, path: str | Path, provenance: dict[str, Any]) -> Path:

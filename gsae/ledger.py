@@ -55,6 +55,9 @@ class TestResult(NamedTuple):
     n: int
     baseline_mean: float
     treatment_mean: float
+    sd: float = math.nan
+    """Sample SD of the per-seed gains (fraction of the baseline mean; metric units for equivalence): what the
+    minimum detectable effect is computed from."""
 
 
 class ClaimResult(NamedTuple):
@@ -67,6 +70,9 @@ class ClaimResult(NamedTuple):
     """The same tests at every other k (reported, not decisive)."""
     robustness: dict[str, str]
     """Variant name -> the claim's verdict recomputed on that variant's SAEs (e.g. a thread-count rerun)."""
+    secondary: list[TestResult] = []
+    """The claim's secondary tests at the primary k (e.g. C1 with the gradient encoders), each with its own 95 %
+    interval and the same rule: reported, never part of the verdict."""
 
 
 def load_prereg_v2(path: str | Path) -> dict[str, Any]:
@@ -113,12 +119,12 @@ def run_test(index: dict, test: dict[str, Any], k: int, variant: str, alpha: flo
         verdict = ("replicated" if iv.lower > -margin else "not replicated" if iv.upper < -margin
                    else "underpowered")
         return TestResult(name, k, variant, verdict, iv.estimate, iv.lower, iv.upper, math.nan, len(paired),
-                          t_mean, g_mean)
+                          t_mean, g_mean, iv.sd)
     d = decision.decide(t_vals, g_vals, test["better"], float(test["min_rel_effect"]), alpha, family)
     rel = decision.relative_gains(t_vals, g_vals, test["better"])
     half = 100.0 * decision.paired_interval(rel.gains, 0.05, 1).half_width
     return TestResult(name, k, variant, d.verdict, d.interval.estimate, d.interval.lower, d.interval.upper, half,
-                      len(paired), t_mean, g_mean)
+                      len(paired), t_mean, g_mean, d.interval.sd)
 
 
 def combine(verdicts: list[str]) -> str:
@@ -154,9 +160,21 @@ def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimRe
         curve = [r for k in grid if k not in primary_k for r in at(k, "primary", len(tests))]
         robustness = {v: combine([r.verdict for k in primary_k for r in at(k, v, family)])
                       for v in claim.get("robustness", [])}
+        secondary = [run_test(index, secondary_test(claim, s), k, "primary", alpha, 1, floor)
+                     for s in claim.get("secondary", []) for k in primary_k]
         out.append(ClaimResult(cid, claim["title"], combine([r.verdict for r in primary]), primary, curve,
-                               robustness))
+                               robustness, secondary))
     return out
+
+
+def secondary_test(claim: dict[str, Any], secondary: dict[str, Any]) -> dict[str, Any]:
+    """A secondary test names a metric and an encoder; its rule, direction and minimum effect are those of the
+    claim's test of the same metric."""
+    same = [t for t in claim["tests"] if t["metric"] == secondary["metric"]]
+    if not same:
+        raise LedgerError(f"secondary test {secondary} has no test of metric {secondary['metric']!r} in its claim "
+                          "to take its rule from")
+    return {**same[0], **secondary}
 
 
 def _pct(x: float) -> str:
@@ -178,4 +196,103 @@ def render(results: list[ClaimResult], prereg: dict[str, Any]) -> str:
             head = (f"**{c.claim}** {c.title}", f"**{c.verdict}**") if i == 0 else ("", "")
             lines.append(f"| {head[0]} | {head[1]} | {r.test} at k = {r.k}: {r.verdict} | {effect} | {half} | "
                          f"{r.n} | {rob if i == 0 else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _test_spec(prereg: dict[str, Any], claim: str, test: str) -> dict[str, Any]:
+    """The registered test of ``claim`` whose name ("<metric> (<encoder>)") is ``test``."""
+    c = prereg["claims"][claim]
+    for t in c["tests"] + [secondary_test(c, s) for s in c.get("secondary", [])]:
+        if f"{t['metric']} ({t['encode_mode']})" == test:
+            return t
+    raise LedgerError(f"claim {claim} registers no test {test!r}")
+
+
+def render_secondary(results: list[ClaimResult], prereg: dict[str, Any]) -> str:
+    """One line per secondary test (own 95 % interval, same rule), marked as never decisive."""
+    lines = [f"- {c.claim}, {r.test} at k = {r.k}: {_pct(r.estimate)} [{_pct(r.lower)}, {_pct(r.upper)}], n = {r.n} "
+             f"({_test_spec(prereg, c.claim, r.test).get('note', 'secondary')}; by the same rule it would read "
+             f"\"{r.verdict}\")" for c in results for r in c.secondary]
+    if not lines:
+        return ""
+    return "Secondary tests (reported, never part of a verdict):\n\n" + "\n".join(lines) + "\n"
+
+
+def render_curve(results: list[ClaimResult], prereg: dict[str, Any], claim: str = "C1", power: float = 0.8) -> str:
+    """Per k of the grid, ``claim``'s tests (the primary k's interval is Bonferroni-adjusted, the others per k)
+    and the minimum detectable effect of each: the smallest true gain the rule calls "replicated" with
+    probability ``power`` at that k's seed count and measured SD (``decision.minimum_detectable_effect``)."""
+    c = next(c for c in results if c.claim == claim)
+    tests = [t for t in prereg["claims"][claim]["tests"] if t["rule"] == "relative"]
+    by_k: dict[int, list[TestResult]] = {}
+    for r in c.primary + c.curve:
+        by_k.setdefault(r.k, []).append(r)
+    names = [f"{t['metric']} ({t['encode_mode']})" for t in tests]
+    head = " | ".join(f"{n}: gain [interval] | verdict | MDE" for n in names)
+    lines = [f"| k | n | {head} |", "|---|---|" + "---|---|---|" * len(names)]
+    alpha = float(prereg["alpha"])
+    for k in sorted(by_k):
+        cells = []
+        for t, name in zip(tests, names, strict=True):
+            r = next((x for x in by_k[k] if x.test == name), None)
+            if r is None or math.isnan(r.estimate):
+                cells.append(f"— | {r.verdict if r else 'not tested'} | —")
+                continue
+            family = len(c.primary) if k in prereg["primary_k"] else len(tests)
+            mde = (decision.minimum_detectable_effect(r.sd, r.n, alpha, power, family, float(t["min_rel_effect"]))
+                   if r.sd > 0 else math.nan)
+            cells.append(f"{_pct(r.estimate)} [{_pct(r.lower)}, {_pct(r.upper)}] | {r.verdict} | "
+                         f"{'—' if math.isnan(mde) else f'{100 * mde:.1f}%'}")
+        star = " (primary)" if k in prereg["primary_k"] else ""
+        lines.append(f"| {k}{star} | {by_k[k][0].n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+QUALITY = (("ce_loss_score", "{:.3f}"), ("explained_variance", "{:.3f}"), ("explained_variance_typical", "{:.3f}"),
+           ("kl_div", "{:.3f}"), ("l0", "{:.0f}"))
+"""The per-SAE quality figures under SAELens' run_evals / SAEBench names, and their format."""
+
+
+def quality_rows(rows: list[dict[str, Any]], variant: str = "primary") -> dict[tuple[int, str], dict[str, Any]]:
+    """(k, arm label with encoder) -> {metric: (mean, 95 % half-width), "n": seeds}. A v1 row (before the names
+    were standard) is read under the standard names: ce_loss_score = recovered_zero, explained_variance =
+    1 - fvu, kl_div = kl."""
+    from . import arms
+    from .claims import mean_t_interval
+
+    legacy = {"ce_loss_score": lambda m: m.get("recovered_zero"), "kl_div": lambda m: m.get("kl"),
+              "explained_variance": lambda m: None if m.get("fvu") is None else 1 - m["fvu"],
+              "explained_variance_typical": lambda m: None if m.get("fvu_typical") is None else 1 - m["fvu_typical"]}
+    values: dict[tuple[int, str], dict[str, list[float]]] = {}
+    for r in rows:
+        arm = arms.get(r["arm"])
+        if r["variant"] != variant or r["encode_mode"] not in arm.encode_modes():
+            continue
+        per = values.setdefault((int(r["k"]), arm.label_for(r["encode_mode"])), {})
+        for m, _ in QUALITY:
+            v = r["metrics"].get(m, legacy[m](r["metrics"]) if m in legacy else None)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                per.setdefault(m, []).append(float(v))
+    return {key: {"n": max((len(v) for v in per.values()), default=0)}
+            | {m: mean_t_interval(v) for m, v in per.items()} for key, per in values.items()}
+
+
+def render_quality(rows: list[dict[str, Any]], v1_rows: list[dict[str, Any]] | None = None) -> str:
+    """Per k and SAE (arm and encoder): mean ± 95 % half-width over seeds of each ``QUALITY`` figure, with v1's
+    CE-loss score and KL beside it when ``v1_rows`` are given."""
+    now, old = quality_rows(rows), quality_rows(v1_rows or [])
+
+    def cell(stats: dict[str, Any] | None, m: str, fmt: str) -> str:
+        if not stats or m not in stats:
+            return "—"
+        mean, half = stats[m]
+        return fmt.format(mean) + ("" if math.isnan(half) or m == "l0" else " ± " + fmt.format(half))
+
+    extra = ["v1 ce_loss_score", "v1 kl_div"] if old else []
+    lines = ["| k | SAE | n | " + " | ".join(m for m, _ in QUALITY + tuple((e, "") for e in extra)) + " |",
+             "|---|---|---|" + "---|" * (len(QUALITY) + len(extra))]
+    for key in sorted(now):
+        cells = [cell(now[key], m, fmt) for m, fmt in QUALITY]
+        cells += [cell(old.get(key), m, "{:.3f}") for m in ("ce_loss_score", "kl_div")] if old else []
+        lines.append(f"| {key[0]} | {key[1]} | {now[key]['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

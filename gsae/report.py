@@ -390,7 +390,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _run_ledger(args: argparse.Namespace, profile: Any) -> int:
+    """A v2 profile (``selection.protocol: per_arm``): the ledger from results/<profile>/metrics.jsonl (no LM
+    needed); ``--check`` compares the README block of the registered profile with it."""
+    from .ledger import load_prereg_v2
+    from .stages.claims import ledger_report, write_ledger
+
+    rows = load_metrics(ROOT / "results" / args.profile / "metrics.jsonl")
+    if not args.check:
+        print(write_ledger(profile, rows))
+        return 0
+    readme = ROOT / "README.md"
+    rep = ledger_report(profile, rows)
+    if profile.name == load_prereg_v2(ROOT / "prereg_v2.yaml").get("profile") and not check_readme(readme,
+                                                                                                 rep.markdown):
+        print(_diff(_split_markers(_read_readme(readme), readme)[1], _block(rep.markdown), "README.md claims block"))
+        print(f"out of date: run `python -m gsae.claims --profile {args.profile}`", file=sys.stderr)
+        return 1
+    print("claims ledger block is up to date")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile) if args.root is None else None
+    if profile is not None and profile.selection.protocol == "per_arm":
+        return _run_ledger(args, profile)
     pc = verdict_for_profile(args.profile, args.root)
 
     if args.check:

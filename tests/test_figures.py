@@ -116,3 +116,33 @@ def test_plot_vs_k_on_a_log_axis_keeps_its_limits_on_the_positive_bounds():
 
 def test_interval_of_one_value_is_a_point():
     assert gf.interval([0.3], nonneg=True) == (0.3, 0.3, 0.3)
+
+
+def test_claims_panel_draws_the_ledger_intervals_in_percent_with_verdict_colours():
+    """The claims figure plots exactly the ledger's numbers: a relative test's estimate and interval x 100 at each
+    k, coloured by its verdict; an equivalence test in the metric's units with its margin line."""
+    pre = {"primary_k": [32], "claims": {
+        "C1": {"tests": [{"metric": "delta_ce", "encode_mode": "plain", "rule": "relative", "min_rel_effect": 0.05}]},
+        "C4": {"tests": [{"metric": "probe_auc_pos_heldout", "encode_mode": "plain", "rule": "equivalence",
+                          "margin": 0.02}]}}}
+
+    def res(test, k, verdict, est, lo, hi):
+        return {"test": test, "k": k, "verdict": verdict, "estimate": est, "lower": lo, "upper": hi}
+
+    record = {"claims": [
+        {"claim": "C1", "verdict": "replicated",
+         "primary": [res("delta_ce (plain)", 32, "replicated", 0.1, 0.06, 0.14)],
+         "curve": [res("delta_ce (plain)", 8, "underpowered", 0.02, -0.05, 0.09)]},
+        {"claim": "C4", "verdict": "not replicated",
+         "primary": [res("probe_auc_pos_heldout (plain)", 32, "not replicated", -0.05, -0.07, -0.03)], "curve": []}]}
+    fig = gf.plot_claims(record, pre)
+    c1, c4 = fig.axes
+    bars = {round(float(line.get_xdata()[0])): line for line in c1.lines if len(line.get_xdata()) == 1
+            and line.get_marker() == "o" and line.get_label().startswith("_")}
+    assert float(bars[32].get_ydata()[0]) == pytest.approx(10.0) and float(bars[8].get_ydata()[0]) == pytest.approx(2)
+    assert matplotlib.colors.to_hex(bars[32].get_color()) == gf.VERDICT_COLORS["replicated"]
+    assert matplotlib.colors.to_hex(bars[8].get_color()) == gf.VERDICT_COLORS["underpowered"]
+    caps = [seg for coll in c1.collections for seg in getattr(coll, "get_segments", lambda: [])()]
+    assert any(abs(s[0][1] - 6.0) < 1e-9 and abs(s[1][1] - 14.0) < 1e-9 for s in caps)  # the interval, in %
+    assert "%" in c1.get_ylabel() and "ROC AUC" in c4.get_ylabel()
+    assert any(list(line.get_ydata()) == [-0.02, -0.02] for line in c4.lines)  # the equivalence margin

@@ -88,3 +88,61 @@ def test_render_names_every_claim_and_bad_prereg_is_refused(tmp_path):
     (tmp_path / "p.yaml").write_text("version: 1\n")
     with pytest.raises(ledger.LedgerError, match="version 2"):
         ledger.load_prereg_v2(tmp_path / "p.yaml")
+
+
+def test_secondary_tests_take_their_rule_from_the_claim_and_never_change_its_verdict():
+    pre = {**PREREG, "claims": {"C1": {**PREREG["claims"]["C1"],
+                                       "secondary": [{"metric": "delta_ce", "encode_mode": "g", "note": "labels"}]}}}
+    plain = rows_for({"delta_ce": 0.0, "kl": 0.0}, 32, range(10))
+    # The g-encode rows get a clear 20 % gain: the secondary reads it, the verdict (plain-encode) does not.
+    for r in plain:
+        if r["arm"] == "gsae" and r["encode_mode"] == "g":
+            r["metrics"] = {**r["metrics"], "delta_ce": 0.8 * r["metrics"]["delta_ce"]}
+    c1 = ledger.evaluate(pre, plain)[0]
+    assert c1.verdict == "not replicated" and len(c1.secondary) == 1
+    sec = c1.secondary[0]
+    assert sec.test == "delta_ce (g)" and sec.verdict == "replicated" and sec.estimate > 0.15
+    gains = [(t["metrics"]["delta_ce"] - g["metrics"]["delta_ce"]) for t, g in zip(
+        [r for r in plain if r["arm"] == "topk" and r["encode_mode"] == "g"],
+        [r for r in plain if r["arm"] == "gsae" and r["encode_mode"] == "g"], strict=True)]
+    mean_t = np.mean([r["metrics"]["delta_ce"] for r in plain if r["arm"] == "topk" and r["encode_mode"] == "g"])
+    lo, hi = sps.t.interval(0.95, 9, loc=np.mean(gains) / mean_t, scale=sps.sem(np.array(gains) / mean_t))
+    assert sec.lower == pytest.approx(lo) and sec.upper == pytest.approx(hi)  # its own 95 %, no Bonferroni
+    assert "never part of a verdict" in ledger.render_secondary([c1], pre) and "labels" in \
+        ledger.render_secondary([c1], pre)
+    with pytest.raises(ledger.LedgerError, match="no test of metric"):
+        ledger.secondary_test(pre["claims"]["C1"], {"metric": "fvu", "encode_mode": "g"})
+
+
+def test_curve_table_gives_each_k_its_minimum_detectable_effect():
+    from gsae import decision
+
+    rows = rows_for({"delta_ce": 0.1, "kl": 0.1}, 32, range(10), sd=0.02) + rows_for({}, 8, range(3), sd=0.05)
+    c1 = ledger.evaluate(PREREG, rows)[0]
+    table = ledger.render_curve([c1], PREREG)
+    r8 = next(r for r in c1.curve if r.test == "delta_ce (plain)")
+    gains = decision.relative_gains(*[{r["seed"]: r["metrics"]["delta_ce"] for r in rows
+                                       if r["arm"] == a and r["k"] == 8 and r["encode_mode"] == "plain"}
+                                      for a in ("topk", "gsae")], "lower").gains
+    assert r8.sd == pytest.approx(np.std(gains, ddof=1))
+    mde8 = decision.minimum_detectable_effect(r8.sd, 3, 0.05, 0.8, 2, 0.05)
+    # More seeds and a smaller SD at the primary k make its MDE smaller than k = 8's.
+    r32 = next(r for r in c1.primary if r.test == "delta_ce (plain)")
+    assert decision.minimum_detectable_effect(r32.sd, 10, 0.05, 0.8, 2, 0.05) < mde8
+    line8 = next(line for line in table.splitlines() if line.startswith("| 8 |"))
+    assert f"{100 * mde8:.1f}%" in line8 and "| 32 (primary) | 10 |" in table
+
+
+def test_quality_table_by_hand_and_v1_names():
+    rows = [{"variant": "primary", "arm": arm, "k": 32, "seed": s, "encode_mode": "plain",
+             "metrics": {"ce_loss_score": cs, "explained_variance": 0.8, "kl_div": 0.1, "l0": 32.0}}
+            for arm, cs in (("topk", 0.90), ("gsae", 0.92)) for s in range(3)]
+    rows[0]["metrics"] = {**rows[0]["metrics"], "ce_loss_score": 0.93}  # topk: 0.93, 0.90, 0.90 -> mean 0.91
+    v1 = [{"variant": "primary", "arm": "topk", "k": 32, "seed": s, "encode_mode": "plain",
+           "metrics": {"recovered_zero": 0.5, "fvu": 0.4, "kl": 0.7}} for s in range(3)]
+    q = ledger.quality_rows(v1)[(32, "TopK")]
+    assert q["explained_variance"][0] == pytest.approx(0.6) and q["kl_div"][0] == pytest.approx(0.7) and q["n"] == 3
+    table = ledger.render_quality(rows, v1)
+    half = sps.t.ppf(0.975, 2) * np.std([0.93, 0.90, 0.90], ddof=1) / np.sqrt(3)
+    assert f"| 32 | TopK | 3 | 0.910 ± {half:.3f} | 0.800 ± 0.000 | — | 0.100 ± 0.000 | 32 | 0.500 ± 0.000 | 0.700" in table
+    assert "| 32 | g-SAE, plain-encode | 3 | 0.920" in table and "| — | — |" in table  # no v1 g-SAE row here

@@ -21,6 +21,10 @@ from torch import Tensor, nn
 
 from ..config import SAEConfig, TrainConfig
 
+ENCODER_LABELS = {"g": "g-encode", "g_free": "label-free g-encode", "plain": "plain-encode"}
+"""How each encoder is named in figures and tables: "g" uses the true-label gradient, "g_free" the label-free
+(argmax pseudo-label) gradient, "plain" none."""
+
 
 class LossTerms(NamedTuple):
     total: Tensor
@@ -84,10 +88,10 @@ class Arm:
         raise NotImplementedError
 
     def label_for(self, encode_mode: str) -> str:
-        """Label of this arm's codes under one encoder ("g" or "plain") in figures and tables."""
+        """Label of this arm's codes under one encoder ("g", "g_free" or "plain") in figures and tables."""
         if not self.has_gradient_encoder:
             return self.label
-        return f"{self.label}, {'g' if encode_mode == 'g' else 'plain'}-encode"
+        return f"{self.label}, {ENCODER_LABELS.get(encode_mode, encode_mode)}"
 
     def encode_modes(self) -> tuple[str, ...]:
         """The encoders worth reporting separately: both for an arm whose code uses the gradient, else plain."""

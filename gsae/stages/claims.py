@@ -7,33 +7,89 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from .. import claims, io, ledger, metrics
+from .. import arms, claims, io, ledger, metrics
 from ..config import Profile
 from ..paths import ROOT, results_dir
+from . import selection
+
+V1_METRICS = ROOT / "results" / "v1" / "metrics.jsonl"
+"""The superseded v1 study's rows (PREREG.md version 1), shown beside v2's quality figures."""
+
+QUALITY_NOTE = (
+    "Per-SAE quality on the test split, mean ± 95% t-interval over seeds, under the names SAELens' `run_evals` and "
+    "SAEBench use: `ce_loss_score` = CE recovered against zero-ablation, `explained_variance` = 1 − FVU over all "
+    "test tokens (`_typical`: without the massive-activation tokens, which hold much of the squared error), "
+    "`kl_div` = KL(clean ‖ spliced) in nats per token, L0 = active latents per token. The v1 columns are the "
+    "superseded v1 study (121 Adam steps per SAE, massive tokens spliced; `results/v1/`). For scale only: OpenAI's "
+    "GPT-2-small TopK SAEs (another model, far more training) reach a CE score ≈ 0.99, explained variance ≈ 0.93 "
+    "and KL ≈ 0.07 at L0 32.")
+
+
+class LedgerReport(NamedTuple):
+    markdown: str
+    """The README claims block: verdicts, C1's half-width, convergence, secondary tests, C1 per k with its minimum
+    detectable effect, and the per-SAE quality table."""
+    record: dict[str, Any]
+    """What ledger.json holds."""
+
+
+def convergence_note(p: Profile, max_rel_change: float) -> str:
+    """C1's convergence criterion (PREREG v2 §3) from results/<profile>/convergence.json, or "" without it."""
+    path = results_dir(p) / "convergence.json"
+    if not path.exists():
+        return ""
+    conv = io.read_json(path)
+    parts, converged = [], True
+    for arm, curve in conv["curves"].items():
+        change = selection.relative_change(curve, conv["primary_tokens"])
+        if change is None:
+            return ""
+        converged &= abs(change) < max_rel_change
+        parts.append(f"{arms.get(arm).label} {100 * change:+.1f}%")
+    verdict = ("converged" if converged else "**not converged**: every C1 line above is read as \"not converged\"")
+    return (f"Convergence (validation ΔCE, plain-encode, seed {conv['seed']}): doubling the training length "
+            f"({conv['primary_tokens']:,} tokens) changed it by {', '.join(parts)} (criterion < "
+            f"{100 * max_rel_change:g}%): {verdict}.\n")
+
+
+def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prereg_v2.yaml",
+                  v1_metrics: Path = V1_METRICS) -> LedgerReport:
+    """Apply prereg v2 to ``rows`` (metrics.jsonl) without writing anything."""
+    pre = ledger.load_prereg_v2(prereg_path)
+    if p.name != pre.get("profile"):  # an unregistered profile (smoke_v2) is analysed on its own grid
+        pre = {**pre, "primary_k": list(p.experiment.primary_k or p.experiment.k_grid),
+               "k_grid": list(p.experiment.k_grid)}
+    results = ledger.evaluate(pre, rows)
+    half = [r.half_width_pct for c in results if c.claim == "C1" for r in c.primary if r.test.startswith("delta_ce")]
+    note = (f"\nC1 at k = {pre['primary_k']}: 95% half-width of the paired ΔCE difference = "
+            + ", ".join("—" if math.isnan(h) else f"{h:.2f}%" for h in half)
+            + f" of TopK's ΔCE (design target ≤ {100 * pre['power_target_half_width']:.1f}%).\n")
+    conv = convergence_note(p, float(pre.get("convergence", {}).get("max_rel_change", 0.02)))
+    secondary = ledger.render_secondary(results, pre)
+    v1 = claims.load_metrics(v1_metrics) if p.name == pre.get("profile") and v1_metrics.exists() else None
+    md = "\n".join(part for part in (
+        ledger.render(results, pre) + note, conv, secondary,
+        "C1 across the k grid (the primary k decides, Bonferroni over its tests; the other k have fewer seeds and are "
+        "never decisive). MDE: the smallest true gain the rule would call \"replicated\" with 80% power at that k's "
+        "seed count and measured SD.\n", ledger.render_curve(results, pre),
+        QUALITY_NOTE + "\n", ledger.render_quality(rows, v1)) if part)
+    record = {"prereg_version": pre["version"],
+              "claims": [c._asdict() | {key: [r._asdict() for r in getattr(c, key)]
+                                        for key in ("primary", "curve", "secondary")} for c in results]}
+    return LedgerReport(md, record)
 
 
 def write_ledger(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prereg_v2.yaml") -> str:
     """Apply prereg v2 to ``rows``; write ledger.json (and the README block for the registered profile)."""
     from ..report import update_readme
 
-    pre = ledger.load_prereg_v2(prereg_path)
-    if p.name != pre.get("profile"):  # an unregistered profile (smoke_v2) is analysed on its own grid
-        pre = {**pre, "primary_k": list(p.experiment.primary_k or p.experiment.k_grid),
-               "k_grid": list(p.experiment.k_grid)}
-    results = ledger.evaluate(pre, rows)
-    table = ledger.render(results, pre)
-    half = [r.half_width_pct for c in results if c.claim == "C1" for r in c.primary if r.test.startswith("delta_ce")]
-    note = (f"\nC1 at k = {pre['primary_k']}: 95% half-width of the paired ΔCE difference = "
-            + ", ".join("—" if math.isnan(h) else f"{h:.2f}%" for h in half)
-            + f" of TopK's ΔCE (design target ≤ {100 * pre['power_target_half_width']:.1f}%).\n")
-    io.write_json(results_dir(p) / "ledger.json", {
-        "prereg_version": pre["version"], "claims": [c._asdict() | {"primary": [r._asdict() for r in c.primary],
-                                                                     "curve": [r._asdict() for r in c.curve]}
-                                                     for c in results]})
-    if p.name == pre.get("profile"):
-        update_readme(ROOT / "README.md", table + note)
-    return table + note
+    rep = ledger_report(p, rows, prereg_path)
+    io.write_json(results_dir(p) / "ledger.json", rep.record)
+    if p.name == ledger.load_prereg_v2(prereg_path).get("profile"):
+        update_readme(ROOT / "README.md", rep.markdown)
+    return rep.markdown
 
 
 def run(p: Profile, lm=None, progress: bool = True) -> str:
