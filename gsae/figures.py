@@ -345,7 +345,7 @@ def plot_probing(df: pd.DataFrame, rows: Sequence[dict[str, Any]] | None = None,
     ``stages.probe_baselines`` when given (raw residual dimensions: a line; a random-init SAE: per k); and, when
     ``rows`` and ``margin`` are given, a second panel with the seed-paired difference treatment (plain-encode) −
     baseline per k, mean and 95% t-interval, with the equivalence margin drawn at −``margin``."""
-    fig = plot_vs_k(df, [metric], ["POS tags: best single latent, chosen on val, scored on test"])
+    fig = plot_vs_k(df, [metric], ["POS probe: best latent chosen on val, scored on test"])
     ax = fig.axes[0]
     if baselines and "residual" in baselines:
         ax.axhline(baselines["residual"][metric], color="0.35", ls="--", lw=1, label="raw residual dimension (±x_j)")
@@ -356,9 +356,9 @@ def plot_probing(df: pd.DataFrame, rows: Sequence[dict[str, Any]] | None = None,
     if rows is None or margin is None:
         return fig
     table = paired_difference_table(rows, [metric], baseline, treatment, "plain", absolute=True)
-    fig.set_size_inches(10, 3.8)
-    ax.set_position([0.07, 0.15, 0.4, 0.72])
-    diff = fig.add_axes([0.57, 0.15, 0.4, 0.72])
+    fig.set_size_inches(11, 3.9)
+    ax.set_position([0.07, 0.14, 0.37, 0.76])
+    diff = fig.add_axes([0.6, 0.14, 0.37, 0.76])
     diff.axhline(0, color="0.3", lw=1)
     diff.axhline(-margin, color=VERDICT_COLORS["not replicated"], ls="--", lw=1, label=f"margin −{margin:g} AUC")
     for k, d in zip(table.k, table.rel_diff_pct, strict=True):
