@@ -164,9 +164,16 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
         tokens, base, rd, cap = _eval_context(p, lm, split)
         saes = {s.name: load_trained(p, s, mh, device) for s in todo}
         modes = evals.ENCODE_MODES + (("g_free",) if split in p.harvest.label_free_splits else ())
-        res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base, encode_modes=modes,
-                                  batch_contexts=p.eval.batch_contexts, progress=progress,
-                                  clean_above=cap if p.eval.massive == "clean" else None)
+
+        def measured(s: SAESpec) -> tuple[str, ...]:  # an arm whose code ignores g: every encoder is plain-encode
+            return modes if s.arm_impl.has_gradient_encoder else ("plain",)
+
+        res: dict[str, Any] = {}
+        for group_modes in dict.fromkeys(measured(s) for s in todo):
+            group = {s.name: saes[s.name] for s in todo if measured(s) == group_modes}
+            res.update(evals.evaluate_saes(lm.model, group, tokens, p.model.hook_name, baselines=base,
+                                           encode_modes=group_modes, batch_contexts=p.eval.batch_contexts,
+                                           progress=progress, clean_above=cap if p.eval.massive == "clean" else None))
         acc = {(s.name, mode): ActivationMetrics(saes[s.name], mode, cap) for s in todo for mode in res[s.name]}
         for rows in rd.chunks(ACT_CHUNK):
             x = to_device(rows.x, device)  # moved once, shared by every SAE
@@ -182,6 +189,10 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
                 lm_part = {f"{k}_lm_subset" if k in ("fvu", "mse", "l0", "dead_fraction") else k: v
                            for k, v in r.scalars().items()}
                 out[mode] = {**lm_part, **act, "n_lm_tokens": r.n_tokens, **standard_names(lm_part, act)}
+            for mode in modes:  # the unmeasured encoders of a gradient-free arm: the same code, so the same numbers
+                same = {**out["plain"], **({"encode_mode": mode} if "encode_mode" in out["plain"] else {})}
+                out.setdefault(mode, same)
+                counts.setdefault(mode, counts["plain"].clone())
             if split == "test":  # C2's window: the whole training split, with the encoder the SAE trained with
                 mode = s.primary_encode
                 out[mode]["dead_fraction_trainsplit"] = dead_fraction_over(saes[s.name], reader(p, "train", mh), mode)
