@@ -70,6 +70,9 @@ class ClaimResult(NamedTuple):
     """The same tests at every other k (reported, not decisive)."""
     robustness: dict[str, str]
     """Variant name -> the claim's verdict recomputed on that variant's SAEs (e.g. a thread-count rerun)."""
+    robustness_same_seeds: dict[str, str] = {}
+    """Variant name -> the primary SAEs' verdict on that variant's seeds only: the like-for-like reference (a
+    variant with fewer seeds is more often "underpowered" for that reason alone)."""
     secondary: list[TestResult] = []
     """The claim's secondary tests at the primary k (e.g. C1 with the gradient encoders), each with its own 95 %
     interval and the same rule: reported, never part of the verdict."""
@@ -160,10 +163,17 @@ def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimRe
         curve = [r for k in grid if k not in primary_k for r in at(k, "primary", len(tests))]
         robustness = {v: combine([r.verdict for k in primary_k for r in at(k, v, family)])
                       for v in claim.get("robustness", [])}
+        same_seeds = {}
+        for v in claim.get("robustness", []):
+            seeds = {s for key, per in index.items() if key[0] == v for s in per}
+            sub = {key: {s: m for s, m in per.items() if s in seeds} for key, per in index.items()
+                   if key[0] == "primary"}
+            same_seeds[v] = combine([run_test(sub, t, k, "primary", alpha, family, floor).verdict
+                                     for k in primary_k for t in tests])
         secondary = [run_test(index, secondary_test(claim, s), k, "primary", alpha, 1, floor)
                      for s in claim.get("secondary", []) for k in primary_k]
         out.append(ClaimResult(cid, claim["title"], combine([r.verdict for r in primary]), primary, curve,
-                               robustness, secondary))
+                               robustness, same_seeds, secondary))
     return out
 
 
@@ -192,7 +202,8 @@ def render(results: list[ClaimResult], prereg: dict[str, Any]) -> str:
             fmt = (lambda x: "—" if math.isnan(x) else f"{x:+.4f}") if equiv else _pct
             effect = f"{fmt(r.estimate)} [{fmt(r.lower)}, {fmt(r.upper)}]"
             half = "—" if math.isnan(r.half_width_pct) else f"{r.half_width_pct:.1f}%"
-            rob = "; ".join(f"{v}: {w}" for v, w in c.robustness.items()) or "—"
+            rob = "; ".join(f"{v}: {w} (primary SAEs on the same seeds: {c.robustness_same_seeds.get(v, '—')})"
+                            for v, w in c.robustness.items()) or "—"
             head = (f"**{c.claim}** {c.title}", f"**{c.verdict}**") if i == 0 else ("", "")
             lines.append(f"| {head[0]} | {head[1]} | {r.test} at k = {r.k}: {r.verdict} | {effect} | {half} | "
                          f"{r.n} | {rob if i == 0 else ''} |")

@@ -51,6 +51,7 @@ def test_known_effects_give_the_expected_verdicts():
     assert c1.verdict == "replicated" and [r.verdict for r in c1.primary] == ["replicated", "replicated"]
     assert [r.verdict for r in c1.curve] == ["underpowered", "underpowered"]
     assert c1.robustness == {"threads_1": "not replicated"}
+    assert c1.robustness_same_seeds == {"threads_1": "replicated"}  # the primary SAEs on the variant's 10 seeds
     assert res["C2"].verdict == "not testable (floor)"  # both arms at ~0.05 % dead
     assert res["C4"].verdict == "replicated"  # same AUC up to 1 % noise: comparable within 0.02
 
@@ -146,3 +147,15 @@ def test_quality_table_by_hand_and_v1_names():
     half = sps.t.ppf(0.975, 2) * np.std([0.93, 0.90, 0.90], ddof=1) / np.sqrt(3)
     assert f"| 32 | TopK | 3 | 0.910 ± {half:.3f} | 0.800 ± 0.000 | — | 0.100 ± 0.000 | 32 | 0.500 ± 0.000 | 0.700" in table
     assert "| 32 | g-SAE, plain-encode | 3 | 0.920" in table and "| — | — |" in table  # no v1 g-SAE row here
+
+
+def test_robustness_is_compared_with_the_primary_on_the_same_seeds():
+    """A variant with 3 seeds is compared with the primary SAEs' verdict on those 3 seeds (computed from the
+    primary rows of seeds 0-2 alone), not with the 10-seed verdict."""
+    primary = rows_for({"delta_ce": 0.15, "kl": 0.15}, 32, range(10), sd=0.05)
+    variant = rows_for({"delta_ce": 0.15, "kl": 0.15}, 32, range(3), variant="threads_1", sd=0.05, seed=7)
+    c1 = ledger.evaluate(PREREG, primary + variant)[0]
+    alone = ledger.evaluate(PREREG, [r for r in primary if r["seed"] < 3])[0]
+    assert c1.robustness_same_seeds["threads_1"] == alone.verdict
+    assert c1.verdict == "replicated" and alone.primary[0].n == 3
+    assert "primary SAEs on the same seeds: " + alone.verdict in ledger.render([c1], PREREG)
