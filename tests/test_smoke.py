@@ -80,6 +80,9 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
         assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_pre" and cfg["metadata"]["release"]
     assert json.loads((ROOT / "saes" / "smoke" / "release.json").read_text())["test_rows"] > 0
     assert (RESULTS / "SENSITIVITY.md").exists()
+    base = json.loads((RESULTS / "probe_baselines.json").read_text())  # notebook 05's reference points for C4
+    assert 0.5 < base["residual"]["probe_auc_pos_heldout"] <= 1
+    assert set(base["random_init"]) == {str(k) for k in exp.k_grid}
     registry = (RESULTS / "runs.jsonl").read_text().splitlines()
     assert any('"train_done"' in line for line in registry)
 
