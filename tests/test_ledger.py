@@ -145,7 +145,8 @@ def test_quality_table_by_hand_and_v1_names():
     assert q["explained_variance"][0] == pytest.approx(0.6) and q["kl_div"][0] == pytest.approx(0.7) and q["n"] == 3
     table = ledger.render_quality(rows, v1)
     half = sps.t.ppf(0.975, 2) * np.std([0.93, 0.90, 0.90], ddof=1) / np.sqrt(3)
-    assert f"| 32 | TopK | 3 | 0.910 ± {half:.3f} | 0.800 ± 0.000 | — | 0.100 ± 0.000 | 32 | 0.500 ± 0.000 | 0.700" in table
+    assert (f"| 32 | TopK | 3 | 0.910 ± {half:.3f} | 0.800 ± 0.000 | — | 0.100 ± 0.000 | 32 | 0.500 ± 0.000 | 0.700"
+            in table)
     assert "| 32 | g-SAE, plain-encode | 3 | 0.920" in table and "| — | — |" in table  # no v1 g-SAE row here
 
 
