@@ -377,14 +377,18 @@ def test_unregistered_profile_uses_its_own_grid_and_never_touches_the_readme(tmp
     assert not (tmp_path / "README.md").exists()
 
 
-def test_committed_readme_and_sensitivity_match_the_committed_results():
-    """The README's claims table and SENSITIVITY.md are exactly what gsae.claims generates from
-    results/default/metrics.jsonl: nobody typed a verdict."""
-    if not (REPO / "results" / "default" / "metrics.jsonl").exists():
+def test_committed_readme_matches_the_committed_results():
+    """The README's claims block is exactly what the v2 ledger generates from results/default/metrics.jsonl
+    (``python -m gsae.claims --profile default --check``): nobody typed a verdict or a number in it."""
+    from gsae.config import load_profile
+    from gsae.stages.claims import ledger_report
+
+    path = REPO / "results" / "default" / "metrics.jsonl"
+    if not path.exists():
         pytest.skip("no committed default-profile results yet (run ./run_all.sh)")
-    pc = R.verdict_for_profile("default")
-    assert R.check_readme(REPO / "README.md", pc.claims_table), "README claims table is stale: python -m gsae.claims"
-    assert (REPO / "SENSITIVITY.md").read_text() == pc.sensitivity_md, "SENSITIVITY.md is stale"
+    rep = ledger_report(load_profile("default"), C.load_metrics(path))
+    assert R.check_readme(REPO / "README.md", rep.markdown), "README claims block is stale: python -m gsae.claims"
+    assert R.main(["--profile", "default", "--check"]) == 0
 
 
 def test_selection_note_reports_the_grid_edge_check_either_way():

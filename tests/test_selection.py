@@ -89,3 +89,23 @@ def test_the_label_free_arm_trains_and_encodes_with_g_free_and_needs_it_harveste
     free = [s for s in specs if s.arm == "gsae_free"]
     assert free and all(s.primary_encode == "g_free" and s.arm_impl.gradient == "g_free" for s in free)
     assert all(s.primary_encode == "plain" for s in specs if s.arm == "topk")
+
+
+def test_a_stored_selection_from_another_protocol_or_setting_is_refused(tmp_path):
+    """A checkout's committed results/<profile>/selection.json from an earlier study design must never be reused
+    as this profile's selection (it would train every SAE at the old study's hyperparameters)."""
+    import json
+
+    from gsae.config import ConfigError, load_profile
+    from gsae.stages.train import check_selection
+
+    p = load_profile("default")  # selection.protocol: per_arm
+    mine = json.loads(json.dumps(p.to_dict(), default=str))
+    ok = {"protocol": "per_arm", "lr": {"topk": 0.002}, "provenance": {"profile": mine}}
+    assert check_selection(p, ok, tmp_path / "selection.json") is ok
+    v1 = {"lr": 0.004, "beta": 0.1, "provenance": {"profile": {**mine, "selection": {"protocol": "v1"}}}}
+    with pytest.raises(ConfigError, match="protocol 'v1'.*move the old results"):
+        check_selection(p, v1, tmp_path / "selection.json")
+    other = {**ok, "provenance": {"profile": {**mine, "selection": {**mine["selection"], "seeds": [7, 8]}}}}
+    with pytest.raises(ConfigError, match="other selection settings"):
+        check_selection(p, other, tmp_path / "selection.json")

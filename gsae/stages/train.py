@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import shutil
+from pathlib import Path
 from typing import Any
 
 from .. import arms, distributed, io
-from ..config import Profile
+from ..config import ConfigError, Profile
 from ..paths import registry_append, results_dir
 from ..progress import bar
 from ..specs import SAESpec, baseline_arm, experiment_specs, sae_config, sae_dir, selection_specs
@@ -144,12 +146,28 @@ def _trial_metrics(ev: dict, spec: SAESpec) -> dict[str, Any]:
     return ev[spec.name]["metrics"][spec.primary_encode]
 
 
+def check_selection(p: Profile, sel: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A stored selection is reused only if it was made under this profile's selection protocol and settings: a
+    selection left by another study design (e.g. v1's, in a checkout's committed results) is refused, never
+    silently trained on."""
+    made = (sel.get("provenance") or {}).get("profile") or {}
+    want = json.loads(json.dumps(p.to_dict(), default=str))
+    protocol = sel.get("protocol", "v1")
+    stale = [name for name in ("selection",) if name in made and made[name] != want[name]]
+    if protocol != p.selection.protocol or stale:
+        raise ConfigError(f"{path} was made by selection protocol {protocol!r}"
+                          + (f" with other {' and '.join(stale)} settings" if stale else "")
+                          + f", but profile {p.name!r} uses {p.selection.protocol!r}; move the old results/"
+                          f"{p.name}/ aside (it may be a committed earlier study) or run ./run_all.sh --force")
+    return sel
+
+
 def run_selection(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     """PREREG §3: lr trials on the baseline arm, then each other arm's own hyperparameter trials at the chosen lr,
     judged by validation delta_ce (each arm with the encoder it is meant for)."""
     out_path = results_dir(p) / "selection.json"
     if out_path.exists():
-        return io.read_json(out_path)
+        return check_selection(p, io.read_json(out_path), out_path)
     if p.selection.protocol == "per_arm":
         from .selection import select_per_arm
 
