@@ -177,3 +177,20 @@ def test_import_gsae_is_light():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_committed_release_loads_in_one_line_and_matches_its_record():
+    """What a reader clones: saes/default/ (written by notebook 05 of the committed run) loads with the README's one
+    line, its files match release.json's sha256 (load_pretrained checks them), and cfg.json names the exact LM."""
+    rec_path = ROOT / "saes" / "default" / "release.json"
+    if not rec_path.exists():
+        pytest.skip("no committed default-profile release yet (run ./run_all.sh)")
+    rec = json.loads(rec_path.read_text())
+    assert {"topk-k32-s0", "gsae-k32-s0"} <= set(rec["saes"])
+    for name in rec["saes"]:
+        sae = gsae.load_pretrained(f"default/{name}")
+        meta = sae.cfg.metadata
+        assert meta.hook_name == "blocks.17.hook_resid_pre" and "SmolLM2-135M-Instruct" in meta.model_description
+        x = torch.randn(4, sae.cfg.d_in)
+        codes = sae.encode(x)
+        assert ((codes != 0).sum(-1) <= sae.cfg.k).all() and sae.decode(codes).shape == x.shape
