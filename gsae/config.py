@@ -288,10 +288,16 @@ class EvalConfig:
     massive: str = "reconstruct"
     """Massive-activation tokens (norm > 10 x the train median) in the splice: "reconstruct" (v1: spliced like
     any token) or "clean" (PREREG v2: kept clean, so a few outliers do not decide ΔCE and KL)."""
+    gradient_splices: str = "all"
+    """Which SAEs of an arm whose code uses the gradient are spliced with their gradient encoders on the test
+    split: "all", or "primary_k" (only the primary group at ``experiment.primary_k``, where the secondary tests
+    are registered; the others are spliced with plain-encode only). Activation metrics cover every encoder."""
 
     def __post_init__(self) -> None:
         _require(self.massive in ("reconstruct", "clean"), f"eval.massive must be 'reconstruct' or 'clean', got "
                                                            f"{self.massive!r}")
+        _require(self.gradient_splices in ("all", "primary_k"), f"eval.gradient_splices must be 'all' or "
+                                                                 f"'primary_k', got {self.gradient_splices!r}")
         _require(self.batch_contexts > 0, f"eval.batch_contexts must be > 0, got {self.batch_contexts}")
         _require(self.lm_contexts > 0, f"eval.lm_contexts must be > 0, got {self.lm_contexts}")
 
@@ -306,11 +312,14 @@ class SteeringConfig:
     """Steering strengths as multiples of the median activation norm."""
     top_tokens: int = 5
     """Tokens a latent promotes most (W_dec row . W_U) whose log-probability gain is measured."""
+    k_values: tuple[int, ...] = ()
+    """Steer only the SAEs at these k (every group); empty: every SAE."""
 
     def __post_init__(self) -> None:
         _require(self.n_latents > 0 and self.n_contexts > 0 and self.top_tokens > 0,
                  "steering.n_latents, n_contexts and top_tokens must be > 0")
         _require(len(self.alphas) >= 1, "steering.alphas must hold at least one strength")
+        _require(all(k > 0 for k in self.k_values), f"steering.k_values must be k values > 0, got {self.k_values}")
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,9 @@ def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor | None, mode: str, 
 def standard_names(lm_part: dict[str, Any], act: dict[str, Any]) -> dict[str, float]:
     """The quality figures under the names SAELens' run_evals / SAEBench use: ce_loss_score (CE recovered against
     zero ablation), explained_variance (1 - FVU; also over typical tokens) and kl_div (KL(clean || spliced))."""
-    out = {"ce_loss_score": lm_part["recovered_zero"], "kl_div": lm_part["kl"], "explained_variance": 1 - act["fvu"]}
+    out = {"explained_variance": 1 - act["fvu"]}
+    if "recovered_zero" in lm_part:  # spliced into the LM
+        out.update(ce_loss_score=lm_part["recovered_zero"], kl_div=lm_part["kl"])
     if "fvu_typical" in act:
         out["explained_variance_typical"] = 1 - act["fvu_typical"]
     return out
@@ -165,8 +167,13 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
         saes = {s.name: load_trained(p, s, mh, device) for s in todo}
         modes = evals.ENCODE_MODES + (("g_free",) if split in p.harvest.label_free_splits else ())
 
-        def measured(s: SAESpec) -> tuple[str, ...]:  # an arm whose code ignores g: every encoder is plain-encode
+        def encoders(s: SAESpec) -> tuple[str, ...]:  # an arm whose code ignores g: every encoder is plain-encode
             return modes if s.arm_impl.has_gradient_encoder else ("plain",)
+
+        def measured(s: SAESpec) -> tuple[str, ...]:  # the encoders spliced into the LM (eval.gradient_splices)
+            secondary = s.group == "primary" and s.k in (p.experiment.primary_k or (s.k,))
+            everything = p.eval.gradient_splices == "all" or split != "test"
+            return encoders(s) if everything or secondary else ("plain",)
 
         res: dict[str, Any] = {}
         for group_modes in dict.fromkeys(measured(s) for s in todo):
@@ -174,7 +181,7 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
             res.update(evals.evaluate_saes(lm.model, group, tokens, p.model.hook_name, baselines=base,
                                            encode_modes=group_modes, batch_contexts=p.eval.batch_contexts,
                                            progress=progress, clean_above=cap if p.eval.massive == "clean" else None))
-        acc = {(s.name, mode): ActivationMetrics(saes[s.name], mode, cap) for s in todo for mode in res[s.name]}
+        acc = {(s.name, mode): ActivationMetrics(saes[s.name], mode, cap) for s in todo for mode in encoders(s)}
         for rows in rd.chunks(ACT_CHUNK):
             x = to_device(rows.x, device)  # moved once, shared by every SAE
             grads = {m: to_device(rows.gradient(m), device) for m in modes if m != "plain"}
@@ -183,9 +190,13 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
         for s in todo:
             d = sae_dir(p, s, mh)
             out, counts = {}, {}
-            for mode, r in res[s.name].items():
+            for mode in encoders(s):
                 act = acc[s.name, mode].result()
                 counts[mode] = act.pop("counts")
+                r = res[s.name].get(mode)
+                if r is None:  # not spliced (eval.gradient_splices): activation metrics only
+                    out[mode] = {"encode_mode": mode, **act, **standard_names({}, act)}
+                    continue
                 lm_part = {f"{k}_lm_subset" if k in ("fvu", "mse", "l0", "dead_fraction") else k: v
                            for k, v in r.scalars().items()}
                 out[mode] = {**lm_part, **act, "n_lm_tokens": r.n_tokens, **standard_names(lm_part, act)}

@@ -64,6 +64,7 @@ def run_steering(p: Profile, lm, specs: list[SAESpec], progress: bool = True) ->
     """Steering of each SAE, cached per SAE; latents are sampled among those live under the SAE's own encoder.
     Each SAE's metrics also hold ``steer_kl_ratio@a``: its mean KL over the random-direction control's."""
     cfg = p.steering
+    specs = [s for s in specs if not cfg.k_values or s.k in cfg.k_values]
     mh = lm.info["model_hash"]
     name = steer_file(p)
     todo = [s for s in specs if not (sae_dir(p, s, mh) / name).exists()]
@@ -91,7 +92,7 @@ def steering_frame(p: Profile, lm, specs: list[SAESpec], group: str = "primary")
     """Long table of per-latent steering effects: arm, k, seed, latent, alpha, metric (kl|logprob), value."""
     import pandas as pd
 
-    chosen = [s for s in specs if s.group == group]
+    chosen = [s for s in specs if s.group == group and (not p.steering.k_values or s.k in p.steering.k_values)]
     res = run_steering(p, lm, chosen, progress=False)
     rows = []
     for s in chosen:
