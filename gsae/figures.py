@@ -241,7 +241,8 @@ def plot_claims(ledger_record: dict[str, Any], prereg: dict[str, Any]) -> plt.Fi
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.7), squeeze=False)
     for ax, (c, test) in zip(axes[0], panels, strict=True):
         name = f"{test['metric']} ({test['encode_mode']})"
-        res = sorted((r for r in c["primary"] + c["curve"] if r["test"] == name), key=lambda r: r["k"])
+        res = sorted((r for r in c["primary"] + c["curve"] if r["test"] == name and r["verdict"] != "not tested"),
+                     key=lambda r: r["k"])  # a k without paired SAEs for this test (e.g. C3 off k = 32) is left out
         relative = test["rule"] == "relative"
         scale = 100.0 if relative else 1.0
         if relative:
