@@ -307,3 +307,41 @@ def render_quality(rows: list[dict[str, Any]], v1_rows: list[dict[str, Any]] | N
         cells += [cell(old.get(key), m, "{:.3f}") for m in ("ce_loss_score", "kl_div")] if old else []
         lines.append(f"| {key[0]} | {key[1]} | {now[key]['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _effect(r: TestResult, equivalence: bool) -> str:
+    if math.isnan(r.estimate):
+        return r.verdict
+    if equivalence:
+        return f"{r.estimate:+.4f} [{r.lower:+.4f}, {r.upper:+.4f}]"
+    return f"{_pct(r.estimate)} [{_pct(r.lower)}, {_pct(r.upper)}]"
+
+
+def render_bottom_line(results: list[ClaimResult], prereg: dict[str, Any], c1_half_width: list[float]) -> str:
+    """The README's bottom line, generated so that it never says more than the intervals: one line per claim (its
+    verdict and each test's effect with the interval that decided it), then the power and robustness lines."""
+    lines = []
+    for c in results:
+        specs = {f"{t['metric']} ({t['encode_mode']})": t for t in prereg["claims"][c.claim]["tests"]}
+        parts = []
+        for r in c.primary:
+            t = specs[r.test]
+            eq = t["rule"] == "equivalence"
+            need = (f"comparable if above −{t['margin']:g}" if eq
+                    else f"needs ≥ {100 * float(t['min_rel_effect']):g}% gain")
+            parts.append(f"{r.test} {_effect(r, eq)} ({need})")
+        n = max((r.n for r in c.primary), default=0)
+        lines.append(f"- **{c.claim}** {c.title}: **{c.verdict}** — " + "; ".join(parts) + f"; k = "
+                     f"{', '.join(str(k) for k in prereg['primary_k'])}, {n} paired seeds.")
+    rob = {v for c in results for v in c.robustness}
+    for v in sorted(rob):
+        same = all(c.robustness.get(v) == c.robustness_same_seeds.get(v) for c in results if v in c.robustness)
+        lines.append(f"- Rerun {v}: " + ", ".join(f"{c.claim} {c.robustness[v]}" for c in results if v in c.robustness)
+                     + ("; the same as the primary SAEs on the same seeds." if same else "; the primary SAEs on the "
+                        "same seeds: " + ", ".join(f"{c.claim} {c.robustness_same_seeds.get(v, '—')}" for c in results
+                                                   if v in c.robustness) + "."))
+    half = ", ".join("—" if math.isnan(h) else f"{h:.1f}%" for h in c1_half_width)
+    lines.append(f"- Effects are g-SAE vs TopK in % of TopK's mean (positive = g-SAE better) with the deciding "
+                 f"(Bonferroni) interval; C1's plain 95% half-width is {half} of TopK's ΔCE (target ≤ "
+                 f"{100 * float(prereg['power_target_half_width']):g}%).")
+    return "\n".join(lines) + "\n"

@@ -37,6 +37,8 @@ from .io import atomic_path, sha256_file
 from .paths import figures_dir
 
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
+BOTTOM_LINE = ("<!-- bottom-line:start -->", "<!-- bottom-line:end -->")
+"""Markers of the README's generated bottom line (study v2), near its top."""
 
 
 class ReadmeMarkerError(ValueError):
@@ -215,14 +217,15 @@ def _p(p: float, v: ClaimVerdict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ README
-def _split_markers(text: str, path: Path) -> tuple[str, str, str]:
-    n_start, n_end = text.count(START), text.count(END)
-    if n_start != 1 or n_end != 1 or text.index(END) < text.index(START):
+def _split_markers(text: str, path: Path, markers: tuple[str, str] = (START, END)) -> tuple[str, str, str]:
+    start, end = markers
+    n_start, n_end = text.count(start), text.count(end)
+    if n_start != 1 or n_end != 1 or text.index(end) < text.index(start):
         raise ReadmeMarkerError(
-            f"{path} must contain exactly one '{START}' followed by one '{END}' (found {n_start} and {n_end}); "
-            f"put the pair on their own lines where the claims table belongs")
-    i = text.index(START) + len(START)
-    j = text.index(END)
+            f"{path} must contain exactly one '{start}' followed by one '{end}' (found {n_start} and {n_end}); "
+            f"put the pair on their own lines where the generated block belongs")
+    i = text.index(start) + len(start)
+    j = text.index(end)
     return text[:i], text[i:j], text[j:]
 
 
@@ -237,18 +240,19 @@ def _read_readme(path: Path) -> str:
     return path.read_text()
 
 
-def update_readme(readme_path: str | Path, table: str) -> None:
-    """Replace the text between the claims markers with ``table`` (atomic write; everything else untouched)."""
+def update_readme(readme_path: str | Path, table: str, markers: tuple[str, str] = (START, END)) -> None:
+    """Replace the text between ``markers`` (default: the claims markers) with ``table`` (atomic write; everything
+    else untouched)."""
     path = Path(readme_path)
-    head, _, tail = _split_markers(_read_readme(path), path)
+    head, _, tail = _split_markers(_read_readme(path), path, markers)
     with atomic_path(path) as tmp:
         tmp.write_text(head + _block(table) + tail)
 
 
-def check_readme(readme_path: str | Path, table: str) -> bool:
-    """True if the README's claims block is exactly what ``update_readme`` would write."""
+def check_readme(readme_path: str | Path, table: str, markers: tuple[str, str] = (START, END)) -> bool:
+    """True if the README's block between ``markers`` is exactly what ``update_readme`` would write."""
     path = Path(readme_path)
-    return _split_markers(_read_readme(path), path)[1] == _block(table)
+    return _split_markers(_read_readme(path), path, markers)[1] == _block(table)
 
 
 # ------------------------------------------------------------------------------------------------ profiles
@@ -402,11 +406,14 @@ def _run_ledger(args: argparse.Namespace, profile: Any) -> int:
         return 0
     readme = ROOT / "README.md"
     rep = ledger_report(profile, rows)
-    if profile.name == load_prereg_v2(ROOT / "prereg_v2.yaml").get("profile") and not check_readme(readme,
-                                                                                                 rep.markdown):
-        print(_diff(_split_markers(_read_readme(readme), readme)[1], _block(rep.markdown), "README.md claims block"))
-        print(f"out of date: run `python -m gsae.claims --profile {args.profile}`", file=sys.stderr)
-        return 1
+    if profile.name == load_prereg_v2(ROOT / "prereg_v2.yaml").get("profile"):
+        stale = [_diff(_split_markers(_read_readme(readme), readme, m)[1], _block(text), f"README.md {m[0]}")
+                 for m, text in (((START, END), rep.markdown), (BOTTOM_LINE, rep.bottom_line))
+                 if not check_readme(readme, text, m)]
+        if stale:
+            print("".join(stale))
+            print(f"out of date: run `python -m gsae.claims --profile {args.profile}`", file=sys.stderr)
+            return 1
     print("claims ledger block is up to date")
     return 0
 

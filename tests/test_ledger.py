@@ -160,3 +160,16 @@ def test_robustness_is_compared_with_the_primary_on_the_same_seeds():
     assert c1.robustness_same_seeds["threads_1"] == alone.verdict
     assert c1.verdict == "replicated" and alone.primary[0].n == 3
     assert "primary SAEs on the same seeds: " + alone.verdict in ledger.render([c1], PREREG)
+
+
+def test_bottom_line_quotes_each_verdict_with_its_deciding_interval():
+    rows = (rows_for({"delta_ce": 0.15, "kl": 0.15}, 32, range(10))
+            + rows_for({"delta_ce": 0.0, "kl": 0.0}, 32, range(10), variant="threads_1"))
+    res = ledger.evaluate(PREREG, rows)
+    text = ledger.render_bottom_line(res, {**PREREG, "power_target_half_width": 0.025}, [1.23])
+    c1 = res[0]
+    r = c1.primary[0]
+    assert f"**C1** fidelity: **{c1.verdict}**" in text
+    assert f"delta_ce (plain) +{100 * r.estimate:.1f}% [+{100 * r.lower:.1f}%, +{100 * r.upper:.1f}%]" in text
+    assert "Rerun threads_1: C1 not replicated" in text and "primary SAEs on the same seeds: C1 replicated" in text
+    assert "1.2% of TopK's ΔCE (target ≤ 2.5%)" in text and len(text.splitlines()) <= 6

@@ -33,6 +33,8 @@ class LedgerReport(NamedTuple):
     detectable effect, and the per-SAE quality table."""
     record: dict[str, Any]
     """What ledger.json holds."""
+    bottom_line: str
+    """One line per claim with its verdict and intervals, plus power and robustness (the README's bottom line)."""
 
 
 def convergence_note(p: Profile, max_rel_change: float) -> str:
@@ -78,17 +80,18 @@ def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prer
     record = {"prereg_version": pre["version"],
               "claims": [c._asdict() | {key: [r._asdict() for r in getattr(c, key)]
                                         for key in ("primary", "curve", "secondary")} for c in results]}
-    return LedgerReport(md, record)
+    return LedgerReport(md, record, ledger.render_bottom_line(results, pre, half))
 
 
 def write_ledger(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prereg_v2.yaml") -> str:
     """Apply prereg v2 to ``rows``; write ledger.json (and the README block for the registered profile)."""
-    from ..report import update_readme
+    from ..report import BOTTOM_LINE, update_readme
 
     rep = ledger_report(p, rows, prereg_path)
     io.write_json(results_dir(p) / "ledger.json", rep.record)
     if p.name == ledger.load_prereg_v2(prereg_path).get("profile"):
         update_readme(ROOT / "README.md", rep.markdown)
+        update_readme(ROOT / "README.md", rep.bottom_line, BOTTOM_LINE)
     return rep.markdown
 
 
