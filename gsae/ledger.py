@@ -317,9 +317,11 @@ def _effect(r: TestResult, equivalence: bool) -> str:
     return f"{_pct(r.estimate)} [{_pct(r.lower)}, {_pct(r.upper)}]"
 
 
-def render_bottom_line(results: list[ClaimResult], prereg: dict[str, Any], c1_half_width: list[float]) -> str:
+def render_bottom_line(results: list[ClaimResult], prereg: dict[str, Any], c1_half_width: list[float],
+                       convergence: str = "") -> str:
     """The README's bottom line, generated so that it never says more than the intervals: one line per claim (its
-    verdict and each test's effect with the interval that decided it), then the power and robustness lines."""
+    verdict and each test's effect with the interval that decided it), then the robustness line and one line on
+    units, power and ``convergence`` (a sentence, e.g. from ``stages.claims.convergence_note``)."""
     lines = []
     for c in results:
         specs = {f"{t['metric']} ({t['encode_mode']})": t for t in prereg["claims"][c.claim]["tests"]}
@@ -343,5 +345,6 @@ def render_bottom_line(results: list[ClaimResult], prereg: dict[str, Any], c1_ha
     half = ", ".join("—" if math.isnan(h) else f"{h:.1f}%" for h in c1_half_width)
     lines.append(f"- Effects are g-SAE vs TopK in % of TopK's mean (positive = g-SAE better) with the deciding "
                  f"(Bonferroni) interval; C1's plain 95% half-width is {half} of TopK's ΔCE (target ≤ "
-                 f"{100 * float(prereg['power_target_half_width']):g}%).")
+                 f"{100 * float(prereg['power_target_half_width']):g}%)." + (f" {convergence.strip()}" if convergence
+                                                                              else ""))
     return "\n".join(lines) + "\n"

@@ -78,6 +78,9 @@ def test_relative_change_reads_the_doubled_length():
     curve = {"1000": {"delta_ce": 0.5}, "2000": {"delta_ce": 0.49}}
     assert sel.relative_change(curve, 1000) == pytest.approx(-0.02)
     assert sel.relative_change(curve, 2000) is None
+    # lengths are whole batches: 363 x 1,024 = 371,712 is "the primary length" of 372,000 tokens
+    real = {"186368": {"delta_ce": 0.3}, "371712": {"delta_ce": 0.25}, "744448": {"delta_ce": 0.2}}
+    assert sel.relative_change(real, 372_000) == pytest.approx(-0.2)
 
 
 def test_the_label_free_arm_trains_and_encodes_with_g_free_and_needs_it_harvested_everywhere():

@@ -50,7 +50,7 @@ def convergence_note(p: Profile, max_rel_change: float) -> str:
             return ""
         converged &= abs(change) < max_rel_change
         parts.append(f"{arms.get(arm).label} {100 * change:+.1f}%")
-    verdict = ("converged" if converged else "**not converged**: every C1 line above is read as \"not converged\"")
+    verdict = ("converged" if converged else "**not converged**, so every C1 verdict is provisional (PREREG v2 §3)")
     return (f"Convergence (validation ΔCE, plain-encode, seed {conv['seed']}): doubling the training length "
             f"({conv['primary_tokens']:,} tokens) changed it by {', '.join(parts)} (criterion < "
             f"{100 * max_rel_change:g}%): {verdict}.\n")
@@ -80,7 +80,7 @@ def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prer
     record = {"prereg_version": pre["version"],
               "claims": [c._asdict() | {key: [r._asdict() for r in getattr(c, key)]
                                         for key in ("primary", "curve", "secondary")} for c in results]}
-    return LedgerReport(md, record, ledger.render_bottom_line(results, pre, half))
+    return LedgerReport(md, record, ledger.render_bottom_line(results, pre, half, conv))
 
 
 def write_ledger(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prereg_v2.yaml") -> str:

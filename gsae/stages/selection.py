@@ -102,6 +102,11 @@ def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
 
 
 def relative_change(curve: dict[str, dict[str, Any]], base_tokens: int, metric: str = "delta_ce") -> float | None:
-    """(metric at twice the primary length - metric at the primary length) / metric at the primary length."""
-    a, b = curve.get(str(base_tokens)), curve.get(str(2 * base_tokens))
+    """(metric at twice the primary length - metric at the primary length) / metric at the primary length. The
+    curve's lengths are whole batches, so each is matched to the nearest recorded length within 1 %."""
+    def near(tokens: float) -> dict[str, Any] | None:
+        key = min(curve, key=lambda t: abs(int(t) - tokens), default=None)
+        return None if key is None or abs(int(key) - tokens) > 0.01 * tokens else curve[key]
+
+    a, b = near(base_tokens), near(2 * base_tokens)
     return None if a is None or b is None else (b[metric] - a[metric]) / a[metric]
