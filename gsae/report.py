@@ -394,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _print_stale(diffs: list[str], profile: str) -> int:
+    """``--check`` found generated files out of date: print their diffs and what to run; exit status 1."""
+    print("".join(diffs))
+    print(f"out of date: run `python -m gsae.claims --profile {profile}`", file=sys.stderr)
+    return 1
+
+
 def _run_ledger(args: argparse.Namespace, profile: Any) -> int:
     """A v2 profile (``selection.protocol: per_arm``): the ledger from results/<profile>/metrics.jsonl (no LM
     needed); ``--check`` compares the README block of the registered profile with it."""
@@ -411,9 +418,7 @@ def _run_ledger(args: argparse.Namespace, profile: Any) -> int:
                  for m, text in (((START, END), rep.markdown), (BOTTOM_LINE, rep.bottom_line))
                  if not check_readme(readme, text, m)]
         if stale:
-            print("".join(stale))
-            print(f"out of date: run `python -m gsae.claims --profile {args.profile}`", file=sys.stderr)
-            return 1
+            return _print_stale(stale, args.profile)
     print("claims ledger block is up to date")
     return 0
 
@@ -433,9 +438,7 @@ def _run(args: argparse.Namespace) -> int:
         if on_disk != pc.sensitivity_md:
             stale.append(_diff(on_disk, pc.sensitivity_md, str(pc.sensitivity_path.name)))
         if stale:
-            print("".join(stale))
-            print(f"out of date: run `python -m gsae.claims --profile {args.profile}`", file=sys.stderr)
-            return 1
+            return _print_stale(stale, args.profile)
         print("claims table and SENSITIVITY.md are up to date")
         return 0
 
