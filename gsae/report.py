@@ -424,7 +424,10 @@ def _run_ledger(args: argparse.Namespace, profile: Any) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile) if args.root is None else None
+    # Profiles are looked up under ROOT (not only the installed package's folder) so that a repository root set
+    # elsewhere, as the paper-shaped test does, finds its own profiles.
+    local = ROOT / "profiles" / f"{args.profile}.yaml"
+    profile = None if args.root is not None else load_profile(local if local.exists() else args.profile)
     if profile is not None and profile.selection.protocol == "per_arm":
         return _run_ledger(args, profile)
     pc = verdict_for_profile(args.profile, args.root)
