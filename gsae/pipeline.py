@@ -4,7 +4,8 @@ COMMAND is a stage (``gsae.stages.ORDER``: contexts, harvest, train, evaluate, s
 the same function its notebook calls, or one of ``check`` (fail fast on what would break a run: config, model
 availability, disk; with ``--dry-run`` also the projected disk, memory and time of every stage, ``gsae.projection``),
 ``clean`` (``--force``: drop the profile's stage outputs) and ``summary`` (where things are). run_all.sh uses
-check / clean / summary and runs the stages through the notebooks.
+check / clean / summary and runs the stages through the notebooks. ``extend-convergence --lengths 4 8`` continues a
+v2 profile's convergence curve to those multiples of the primary length (exploratory: no verdict reads it).
 
 Several processes: ``torchrun --nproc_per_node=N -m gsae.pipeline STAGE --profile P`` (``harvest`` shards the
 harvest by rank, ``train`` spreads the SAE grid; README, "Scaling up"). ``--device`` overrides
@@ -88,10 +89,12 @@ def summary(p: Profile) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gsae.pipeline", description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("check", "clean", "summary") + ORDER)
+    ap.add_argument("command", choices=("check", "clean", "summary", "extend-convergence") + ORDER)
     ap.add_argument("--profile", default="default")
     ap.add_argument("--dry-run", action="store_true", help="check only: validate without needing the model/GPU")
     ap.add_argument("--device", help="override runtime.device: auto, cpu, cuda or cuda:N")
+    ap.add_argument("--lengths", type=float, nargs="+", default=(4.0, 8.0),
+                    help="extend-convergence: multiples of the primary training length")
     a = ap.parse_args(argv)
     try:
         p = load_profile(a.profile)
@@ -103,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             clean(p)
         elif a.command == "summary":
             print(summary(p))
+        elif a.command == "extend-convergence":
+            from .stages import load_lm
+            from .stages.selection import extend_convergence
+
+            if p.selection.protocol != "per_arm" or not (results_dir(p) / "convergence.json").exists():
+                raise ConfigError(f"extend-convergence needs a per_arm profile whose convergence check has run "
+                                  f"({results_dir(p) / 'convergence.json'}); run notebook 02 or the train stage first")
+            extend_convergence(p, load_lm(p), tuple(a.lengths))
         else:
             from . import distributed, stages
 

@@ -101,6 +101,31 @@ def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     return out
 
 
+def extend_convergence(p: Profile, lm, multipliers: tuple[float, ...], progress: bool = True) -> dict[str, Any]:
+    """Exploratory, never a verdict's input: the convergence check's curve continued to ``multipliers`` x the
+    primary length (same arm, lr, seed and schedule shape; the harvest is re-read, so a multiplier m is
+    m x primary / harvested-train-tokens epochs). Written to convergence_extension.json beside convergence.json,
+    whose points it repeats, so one file holds the whole curve."""
+    base = io.read_json(results_dir(p) / "convergence.json")
+    sel = io.read_json(results_dir(p) / "selection.json")
+    train_rd = reader(p, "train", lm.info["model_hash"])
+    d_in, gs, seed = train_rd.d, sel["grad_scale"], base["seed"]
+    curves: dict[str, Any] = {}
+    for arm in p.experiment.arms:
+        lr = sel["lr"][arm]
+        tok = {m: max(1, round(m * p.train.tokens / p.train.batch_size)) * p.train.batch_size for m in multipliers}
+        specs = {m: _spec(p, arm, d_in, gs, lr, seed, tok[m], f"lr{lr:.4g}-len{m:g}") for m in multipliers}
+        res = _score(p, lm, list(specs.values()), progress)
+        curves[arm] = {**base["curves"][arm], **{str(tok[m]): res[s.name] for m, s in specs.items()}}
+    out = {**{k: base[k] for k in ("split", "seed", "primary_tokens")}, "exploratory": True,
+           "harvested_train_tokens": train_rd.n_tokens, "curves": curves,
+           "provenance": io.provenance(profile=p.to_dict())}
+    if distributed.is_main():
+        io.write_json(results_dir(p) / "convergence_extension.json", out)
+    distributed.barrier()
+    return out
+
+
 def relative_change(curve: dict[str, dict[str, Any]], base_tokens: int, metric: str = "delta_ce") -> float | None:
     """(metric at twice the primary length - metric at the primary length) / metric at the primary length. The
     curve's lengths are whole batches, so each is matched to the nearest recorded length within 1 %."""
