@@ -82,12 +82,12 @@ def test_bad_profile_values_are_refused_with_a_clear_message(raw, msg):
 
 
 def test_unknown_profile_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"known profiles: \['default', 'paper', 'smoke', 'smoke_v2'\]"):
+    with pytest.raises(ConfigError, match=r"known profiles: \['default', 'paper', 'smoke'\]"):
         load_profile("nonexistent")
 
 
 def test_the_shipped_profiles_are_valid():
-    for name in ("smoke", "smoke_v2", "default", "paper"):
+    for name in ("smoke", "default", "paper"):
         p = load_profile(name)
         assert p.model.hook_name.startswith("blocks.")
         assert p.harvest.tokens["train"] % rows_per_context(p) == 0, name  # whole contexts

