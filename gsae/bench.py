@@ -2,6 +2,7 @@
 
     python -m gsae.bench [--quick] [--json out.json] [--smoke-e2e] [--model tiny-random|smollm2-135m] [--threads N]
     python -m gsae.bench --gpu-check [--cpu-dry] [--json out.json]     (gsae.gpu_check: is this GPU ready?)
+    python -m gsae.bench --readme results/bench/*.json                (the README's Performance table)
 
 The machine is assumed noisy (shared cores), so every figure is a RATIO against a baseline measured in the
 same process, with the repetitions of all candidates interleaved (round-robin) and the median of the
@@ -420,6 +421,35 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+README_ROWS = (  # (row label with its goal, key in the JSON's "train")
+    ("our TopK step / SAELens `TopKTrainingSAE` step (≥ 1.5)", "ratio_ours_topk_vs_saelens"),
+    ("our g-SAE step / SAELens TopK step (≥ 1.5)", "ratio_ours_gsae_vs_saelens"),
+    ("g-SAE cost over our TopK (≤ 1.25, not met)", "cost_gsae_over_topk"),
+)
+
+
+def run_label(res: dict[str, Any]) -> str:
+    """A column heading that says how a bench JSON was run: threads and OpenMP's wait policy."""
+    m = res["meta"]
+    policy = (m.get("env") or {}).get("OMP_WAIT_POLICY")
+    return f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}" + (f", `OMP_WAIT_POLICY={policy}`"
+                                                                            if policy else "")
+
+
+def readme_table(results: list[dict[str, Any]]) -> str:
+    """The README's Performance table: one column per bench JSON, its ratios and our absolute tokens/s."""
+    head = "| ratio (goal) | " + " | ".join(run_label(r) for r in results) + " |"
+    lines = [head, "|---" * (len(results) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{r['train'][key]:.2f}" for r in results) + " |"
+              for name, key in README_ROWS]
+    for arm in ("topk", "gsae"):
+        lines.append(f"| our {'TopK' if arm == 'topk' else 'g-SAE'} training, tokens/s (absolute) | "
+                     + " | ".join(f"{r['train']['tok_per_s_median'][f'ours_{arm}']:,.0f}" for r in results) + " |")
+    lines.append("| harvest / bare LM forward+backward (SmolLM2, layer 17) | "
+                 + " | ".join(f"{r['harvest']['ratio_vs_fwd_bwd']:.2f}" for r in results) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m gsae.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 repetition (seconds; for tests)")
@@ -433,7 +463,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gpu-check", action="store_true",
                     help="check this GPU for the paper profile and project its hours per stage (gsae.gpu_check)")
     ap.add_argument("--cpu-dry", action="store_true", help="with --gpu-check: run its code on the CPU, tiny shapes")
+    ap.add_argument("--readme", type=Path, nargs="+", metavar="JSON",
+                    help="print the README's Performance table from these bench JSONs (runs nothing)")
     args = ap.parse_args(argv)
+    if args.readme:
+        table = readme_table([io.read_json(p) for p in args.readme])
+        print(table)
+        return {"readme_table": table}
     if args.gpu_check:
         from .gpu_check import main as gpu_check
 
