@@ -445,7 +445,8 @@ def readme_table(results: list[dict[str, Any]]) -> str:
     for arm in ("topk", "gsae"):
         lines.append(f"| our {'TopK' if arm == 'topk' else 'g-SAE'} training, tokens/s (absolute) | "
                      + " | ".join(f"{r['train']['tok_per_s_median'][f'ours_{arm}']:,.0f}" for r in results) + " |")
-    lines.append("| harvest / bare LM forward+backward (SmolLM2, layer 17) | "
+    h = results[0]["harvest"]
+    lines.append(f"| harvest / bare LM forward+backward ({h['model']}, `{h['hook']}`) | "
                  + " | ".join(f"{r['harvest']['ratio_vs_fwd_bwd']:.2f}" for r in results) + " |")
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+from pathlib import Path
 
 from gsae import bench
 
@@ -29,3 +31,27 @@ def test_smoke_e2e_reports_a_missing_pipeline_gracefully(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "ROOT", tmp_path)  # a checkout without run_all.sh
     out = bench.smoke_e2e()
     assert out["ok"] is False and "run_all.sh" in out["error"]
+
+
+def test_readme_table_reads_each_column_from_its_json():
+    def res(threads, policy, topk_ratio, tok):
+        return {"meta": {"threads": threads, "env": {"OMP_WAIT_POLICY": policy}},
+                "train": {"ratio_ours_topk_vs_saelens": topk_ratio, "ratio_ours_gsae_vs_saelens": 1.5,
+                          "cost_gsae_over_topk": 2.0, "tok_per_s_median": {"ours_topk": tok, "ours_gsae": tok / 2}},
+                "harvest": {"ratio_vs_fwd_bwd": 1.234, "model": "m", "hook": "blocks.3.hook_resid_pre"}}
+
+    table = bench.readme_table([res(2, None, 3.456, 8000.0), res(1, "PASSIVE", 2.0, 1234.4)]).splitlines()
+    assert table[0] == "| ratio (goal) | 2 threads | 1 thread, `OMP_WAIT_POLICY=PASSIVE` |"
+    assert table[2].endswith("| 3.46 | 2.00 |")
+    assert table[5] == "| our TopK training, tokens/s (absolute) | 8,000 | 1,234 |"
+    assert table[-1] == "| harvest / bare LM forward+backward (m, `blocks.3.hook_resid_pre`) | 1.23 | 1.23 |"
+
+
+def test_readme_performance_table_is_the_committed_bench_jsons():
+    """The README's table is rendered from results/bench/*.json (the command is quoted above the table)."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- bench:start -->\n", 1)[1].split("\n<!-- bench:end -->", 1)[0]
+    command = re.search(r"`python -m gsae\.bench --readme ([^`]+)`", readme).group(1).split()
+    assert command, "the README names the JSONs its table comes from"
+    assert block == bench.readme_table([json.loads((root / p).read_text()) for p in command])
