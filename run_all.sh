@@ -49,7 +49,8 @@ ensure_venv
 
 if [ "$tests" = 1 ]; then
   .venv/bin/ruff check gsae tests
-  exec .venv/bin/python -m pytest "${pytest_args[@]}"
+  # Two workers, one test file each at a time, the smoke run's file first (tests/conftest.py); pass -n0 to run serially.
+  exec .venv/bin/python -m pytest -n auto --dist loadfile --no-loadscope-reorder "${pytest_args[@]}"
 fi
 
 .venv/bin/python -m gsae.pipeline check --profile "$profile" $([ "$dry" = 1 ] && echo --dry-run)
