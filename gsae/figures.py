@@ -429,10 +429,19 @@ def plot_selection(selection: dict[str, Any], edges: dict[str, Any] | None, base
                        f"lr trials at k = {selection['k']}, mean over selection seeds {selection['seeds']}")
 
 
-def plot_convergence(conv: dict[str, Any]) -> plt.Figure:
-    """Validation ΔCE (nats) of each arm at its chosen lr against training tokens; the primary length is marked."""
+def plot_convergence(conv: dict[str, Any], extension: dict[str, Any] | None = None) -> plt.Figure:
+    """Validation ΔCE (nats) of each arm at its chosen lr against training tokens; the primary length is marked.
+    ``extension`` (convergence_extension.json, exploratory) adds its longer lengths as hollow markers on dashes."""
     curves = {}
     for name, curve in conv["curves"].items():
         toks = sorted(curve, key=int)
         curves[name] = ([int(t) for t in toks], [curve[t]["delta_ce"] for t in toks], arms.get(name).label)
-    return _arm_curves(curves, {"primary length": conv["primary_tokens"]}, "training tokens per SAE")
+    fig = _arm_curves(curves, {"primary length": conv["primary_tokens"]}, "training tokens per SAE")
+    if extension:
+        ax, colors = fig.axes[0], palette()
+        for name, curve in extension["curves"].items():
+            toks = [t for t in sorted(curve, key=int) if int(t) >= max(int(u) for u in conv["curves"][name])]
+            ax.plot([int(t) for t in toks], [curve[t]["delta_ce"] for t in toks], ls="--", marker="o", mfc="white",
+                    color=colors[arms.get(name).label], label=f"{arms.get(name).label}, longer (exploratory)")
+        ax.legend(fontsize=8)
+    return fig

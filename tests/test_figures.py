@@ -146,3 +146,18 @@ def test_claims_panel_draws_the_ledger_intervals_in_percent_with_verdict_colours
     assert any(abs(s[0][1] - 6.0) < 1e-9 and abs(s[1][1] - 14.0) < 1e-9 for s in caps)  # the interval, in %
     assert "%" in c1.get_ylabel() and "ROC AUC" in c4.get_ylabel()
     assert any(list(line.get_ydata()) == [-0.02, -0.02] for line in c4.lines)  # the equivalence margin
+
+
+def test_convergence_draws_the_registered_curve_and_the_exploratory_extension_beyond_it():
+    def curve(points):
+        return {str(t): {"delta_ce": v} for t, v in points.items()}
+
+    conv = {"primary_tokens": 200, "curves": {"topk": curve({100: 0.5, 200: 0.4, 400: 0.35})}}
+    ext = {"curves": {"topk": curve({100: 0.5, 200: 0.4, 400: 0.35, 800: 0.33, 1600: 0.32})}}
+    lines = [ln for ln in gf.plot_convergence(conv).axes[0].get_lines() if len(ln.get_xdata()) > 2]
+    assert [list(ln.get_xdata()) for ln in lines] == [[100, 200, 400]]
+    ax = gf.plot_convergence(conv, ext).axes[0]
+    dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    # the extension starts where the registered curve ends, so the two join
+    assert [list(ln.get_xdata()) for ln in dashed] == [[400, 800, 1600]]
+    assert list(dashed[0].get_ydata()) == [0.35, 0.33, 0.32] and ax.get_xscale() == "log"
