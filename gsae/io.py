@@ -19,10 +19,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch is imported where tensors are read or written, so light tools (notebook_tidy) start fast
+    import torch
+
 
 MANIFEST = "manifest.json"
 
@@ -62,6 +63,8 @@ def read_json(path: str | Path) -> Any:
 def save_tensors(dest: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Save tensors as safetensors atomically; return the file's sha256."""
     with atomic_path(dest) as tmp:
+        from safetensors.torch import save_file
+
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return sha256_file(dest)
 
@@ -70,6 +73,8 @@ def load_tensors(path: str | Path, sha256: str | None = None, rebuild_hint: str 
     """Load a safetensors file, first checking its sha256 when one is given."""
     if sha256 is not None:
         check_sha256(path, sha256, rebuild_hint)
+    from safetensors.torch import load_file
+
     return load_file(str(path))
 
 
@@ -154,6 +159,8 @@ def package_versions() -> dict[str, str]:
 def provenance(**extra: Any) -> dict[str, Any]:
     """Who/what/where made a result: git commit, package versions, platform, plus ``extra`` (config, seed,
     data hashes)."""
+    import torch
+
     return {
         "git": git_commit(),
         "packages": package_versions(),
