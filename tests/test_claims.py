@@ -363,7 +363,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, prereg):
 def test_unregistered_profile_uses_its_own_grid_and_never_touches_the_readme(tmp_path):
     shutil.copy(REPO / "prereg.yaml", tmp_path / "prereg.yaml")
     (tmp_path / "profiles").mkdir()
-    shutil.copy(REPO / "profiles" / "smoke.yaml", tmp_path / "profiles" / "smoke.yaml")
+    shutil.copy(REPO / "tests" / "data" / "smoke_v1.yaml", tmp_path / "profiles" / "smoke.yaml")  # v1 protocol
     results = tmp_path / "results" / "smoke"
     results.mkdir(parents=True)
     rows = Results().set("delta_ce", shift(0.5, 0), shift(0.4, 0, noise=0.005), ks=(4, 8, 16, 32)).list()

@@ -21,7 +21,7 @@ def test_a_new_metric_written_by_a_stage_appears_in_the_record(tmp_path, monkeyp
     monkeypatch.setattr(specs_mod, "run_dir", lambda p: tmp_path / "runs" / p.name)
     monkeypatch.setattr(metrics, "results_dir", lambda p: tmp_path / "results" / p.name)
     monkeypatch.setattr(metrics, "write_provenance", lambda p, lm: {})
-    p = profile_from_dict("rec", yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text()))
+    p = profile_from_dict("rec", yaml.safe_load((ROOT / "tests" / "data" / "smoke_v1.yaml").read_text()))
     lm = SimpleNamespace(info={"model_hash": "m"})
     spec = specs_mod.experiment_specs(p, 64, 1.0, {"gsae": {"beta": 0.3}}, 1e-3)[1]
     d = specs_mod.sae_dir(p, spec, "m")

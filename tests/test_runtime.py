@@ -4,12 +4,15 @@ settings added for scale-out leave the cache keys of existing profiles unchanged
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from gsae import pipeline, runtime
 from gsae.config import ConfigError, DataConfig, RuntimeConfig, config_hash, load_profile
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_device_settings_resolve_as_documented(monkeypatch):
@@ -48,8 +51,9 @@ def test_cpu_copies_are_no_ops_and_the_default_resolves_to_cpu_here():
 def test_added_settings_keep_existing_cache_keys():
     """data.documents / data.source / harvest.label_free_splits are left out of config_hash at their defaults, so
     runs made before they existed keep their directories (values recorded with the code of commit 2b884d9; the
-    default profile is study v2's since, with caches of its own)."""
-    smoke, paper = load_profile("smoke"), load_profile("paper")
+    default profile is study v2's since, with caches of its own, and so is the smoke profile: the keys are checked on
+    the v1 smoke profile kept in tests/data)."""
+    smoke, paper = load_profile(ROOT / "tests" / "data" / "smoke_v1.yaml"), load_profile("paper")
     assert config_hash(smoke.model, smoke.data, smoke.harvest, "x") == "ebb6067c71ac"
     assert config_hash(smoke.data, smoke.harvest.tokens, smoke.harvest.exclude_pos0, "m") == "134adfeec244"
     owt = DataConfig(corpus="openwebtext", ctx_len=128)
