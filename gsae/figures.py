@@ -394,6 +394,21 @@ def record_provenance(path: str | Path, provenance: dict[str, Any]) -> Path:
     return path
 
 
+def compact_number(x: float) -> str:
+    """186368 -> '186k', 2975744 -> '2.98M', 0.004 -> '0.004': tick labels that never collide on a log axis."""
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    if abs(x) >= 1e3:
+        return f"{x / 1e3:.3g}k"
+    return f"{x:.3g}"
+
+
+def _ticks_at(ax: plt.Axes, xs: list[float]) -> None:
+    """Label a log x axis only at the measured values (its default minor labels overlap)."""
+    ax.set_xticks(xs, [compact_number(x) for x in xs])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+
+
 def _arm_curves(curves: dict[str, tuple[list[float], list[float], str]], marks: dict[str, float], xlabel: str,
                 title: str = "") -> plt.Figure:
     """One line per arm (``curves``: arm -> (x, validation ΔCE, legend label)) on a log x axis, with a dotted
@@ -407,6 +422,7 @@ def _arm_curves(curves: dict[str, tuple[list[float], list[float], str]], marks: 
         ax.axvline(x, color=colors[arms.get(name).label] if name in arms.names() else "0.6", lw=0.8, ls=":",
                    label=None if name in arms.names() else name)
     ax.set_xscale("log")
+    _ticks_at(ax, sorted({x for xs, _, _ in curves.values() for x in xs}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation ΔCE, plain-encode (nats)")
     ax.set_title(title)
@@ -443,5 +459,7 @@ def plot_convergence(conv: dict[str, Any], extension: dict[str, Any] | None = No
             toks = [t for t in sorted(curve, key=int) if int(t) >= max(int(u) for u in conv["curves"][name])]
             ax.plot([int(t) for t in toks], [curve[t]["delta_ce"] for t in toks], ls="--", marker="o", mfc="white",
                     color=colors[arms.get(name).label], label=f"{arms.get(name).label}, longer (exploratory)")
+        _ticks_at(ax, sorted({int(t) for c in extension["curves"].values() for t in c}
+                             | {int(t) for c in conv["curves"].values() for t in c}))
         ax.legend(fontsize=8)
     return fig

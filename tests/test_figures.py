@@ -161,3 +161,11 @@ def test_convergence_draws_the_registered_curve_and_the_exploratory_extension_be
     # the extension starts where the registered curve ends, so the two join
     assert [list(ln.get_xdata()) for ln in dashed] == [[400, 800, 1600]]
     assert list(dashed[0].get_ydata()) == [0.35, 0.33, 0.32] and ax.get_xscale() == "log"
+
+
+def test_log_axes_are_labelled_only_at_the_measured_values():
+    assert [gf.compact_number(x) for x in (186368, 2975744, 0.004, 512)] == ["186k", "2.98M", "0.004", "512"]
+    conv = {"primary_tokens": 200_000, "curves": {"topk": {"100000": {"delta_ce": 0.5}, "200000": {"delta_ce": 0.4}}}}
+    ax = gf.plot_convergence(conv).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["100k", "200k"]
+    assert all(t.get_text() == "" for t in ax.get_xticklabels(minor=True))
