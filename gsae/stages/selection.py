@@ -75,6 +75,17 @@ def select_per_arm(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     return out
 
 
+def _length_curve(p: Profile, lm, arm: str, lr: float, seed: int, d_in: int, gs: float,
+                  multipliers: tuple[float, ...] | list[float], progress: bool) -> dict[str, Any]:
+    """Train ``arm`` at ``lr`` for each multiple of the primary length (whole batches; 1.0 is the selection's own
+    trial, so it is reused) and return its validation metrics keyed by the tokens trained."""
+    tok = {m: max(1, round(m * p.train.tokens / p.train.batch_size)) * p.train.batch_size for m in multipliers}
+    specs = {m: _spec(p, arm, d_in, gs, lr, seed, None if m == 1.0 else tok[m],
+                      "" if m == 1.0 else f"lr{lr:.4g}-len{m:g}") for m in multipliers}
+    res = _score(p, lm, list(specs.values()), progress)
+    return {str(tok[m]): res[s.name] for m, s in specs.items()}
+
+
 def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     """Validation delta_ce of each arm at its chosen lr against the training length (convergence.json)."""
     path = results_dir(p) / "convergence.json"
@@ -83,15 +94,9 @@ def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     sel = io.read_json(results_dir(p) / "selection.json")
     train_rd = reader(p, "train", lm.info["model_hash"])
     d_in, gs, seed = train_rd.d, sel["grad_scale"], p.selection.seeds[0]
-    curves: dict[str, Any] = {}
-    for arm in p.experiment.arms:
-        lr = sel["lr"][arm]
-        lengths = sorted({1.0, *p.selection.length_multipliers})
-        tok = {m: max(1, round(m * p.train.tokens / p.train.batch_size)) * p.train.batch_size for m in lengths}
-        specs = {m: _spec(p, arm, d_in, gs, lr, seed, None if m == 1.0 else tok[m],
-                          "" if m == 1.0 else f"lr{lr:.4g}-len{m:g}") for m in lengths}
-        res = _score(p, lm, list(specs.values()), progress)
-        curves[arm] = {str(tok[m]): res[s.name] for m, s in specs.items()}
+    lengths = sorted({1.0, *p.selection.length_multipliers})
+    curves = {arm: _length_curve(p, lm, arm, sel["lr"][arm], seed, d_in, gs, lengths, progress)
+              for arm in p.experiment.arms}
     out = {"split": "val", "seed": seed, "primary_tokens": p.train.tokens, "curves": curves,
            "provenance": io.provenance(profile=p.to_dict())}
     if distributed.is_main():
@@ -110,13 +115,9 @@ def extend_convergence(p: Profile, lm, multipliers: tuple[float, ...], progress:
     sel = io.read_json(results_dir(p) / "selection.json")
     train_rd = reader(p, "train", lm.info["model_hash"])
     d_in, gs, seed = train_rd.d, sel["grad_scale"], base["seed"]
-    curves: dict[str, Any] = {}
-    for arm in p.experiment.arms:
-        lr = sel["lr"][arm]
-        tok = {m: max(1, round(m * p.train.tokens / p.train.batch_size)) * p.train.batch_size for m in multipliers}
-        specs = {m: _spec(p, arm, d_in, gs, lr, seed, tok[m], f"lr{lr:.4g}-len{m:g}") for m in multipliers}
-        res = _score(p, lm, list(specs.values()), progress)
-        curves[arm] = {**base["curves"][arm], **{str(tok[m]): res[s.name] for m, s in specs.items()}}
+    curves = {arm: {**base["curves"][arm],
+                    **_length_curve(p, lm, arm, sel["lr"][arm], seed, d_in, gs, multipliers, progress)}
+              for arm in p.experiment.arms}
     out = {**{k: base[k] for k in ("split", "seed", "primary_tokens")}, "exploratory": True,
            "harvested_train_tokens": train_rd.n_tokens, "curves": curves,
            "provenance": io.provenance(profile=p.to_dict())}
