@@ -394,6 +394,23 @@ def record_provenance(path: str | Path, provenance: dict[str, Any]) -> Path:
     return path
 
 
+def plot_ce_by_position(ce: Any, unigram_ce: float | None = None, title: str = "") -> plt.Figure:
+    """Next-token CE (nats) against the position predicted, with the unigram CE (the best context-free
+    predictor) as a reference line: a working LM falls well below it once it has context."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(range(1, len(ce) + 1), [float(v) for v in ce], marker=".", color="0.25", label="LM")
+    if unigram_ce is not None:
+        ax.axhline(unigram_ce, color="tab:red", ls="--", lw=1, label=f"unigram CE ({unigram_ce:.2f})")
+    ax.set_xlabel("position predicted (tokens of context)")
+    ax.set_ylabel("next-token CE (nats)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def compact_number(x: float) -> str:
     """186368 -> '186k', 2975744 -> '2.98M', 0.004 -> '0.004': tick labels that never collide on a log axis."""
     if abs(x) >= 1e6:

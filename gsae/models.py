@@ -329,6 +329,16 @@ def mean_next_token_ce(model: HookedTransformer, tokens: torch.Tensor, batch_siz
     return total / count
 
 
+def next_token_ce_by_position(model: HookedTransformer, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) at each predicted position of ``tokens`` [n, T] (shape [T - 1]): how
+    much the model gains from context; its mean over positions is ``mean_next_token_ce``."""
+    total = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
+    with torch.no_grad():
+        for b in range(0, len(tokens), batch_size):
+            total += model(tokens[b:b + batch_size], return_type="loss", loss_per_token=True).double().sum(0)
+    return total / len(tokens)
+
+
 def unigram_stats(train_tokens: torch.Tensor, val_tokens: torch.Tensor, d_vocab: int) -> dict[str, float]:
     """Entropy of the train-token unigram distribution, and the CE of val tokens under it (add-one
     smoothing): the loss of the best context-free predictor, which a trained LM must beat."""

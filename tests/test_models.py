@@ -103,6 +103,19 @@ def test_unigram_stats_by_hand():
     assert s["unigram_ce_val"] == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2)
 
 
+def test_ce_by_position_is_the_log_softmax_at_each_position_and_averages_to_the_mean_ce():
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=11, n_ctx=8,
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg).eval()
+    tokens = torch.randint(0, 11, (5, 8), generator=torch.Generator().manual_seed(0))
+    by_pos = models.next_token_ce_by_position(model, tokens, batch_size=2)
+    with torch.no_grad():  # by hand: -log p(next token) from the logits, averaged over the 5 contexts
+        logp = model(tokens).log_softmax(-1)[:, :-1]
+    ref = -logp.gather(-1, tokens[:, 1:, None])[..., 0].double().mean(0)
+    assert by_pos.shape == (7,) and torch.allclose(by_pos, ref, atol=1e-6)
+    assert by_pos.mean().item() == pytest.approx(models.mean_next_token_ce(model, tokens), abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # SmolLM2 against Hugging Face
 

@@ -60,7 +60,7 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
     assert {c["claim"] for c in ledger["claims"]} == {"C1", "C2", "C3", "C4"}
     prov = json.loads((RESULTS / "provenance.json").read_text())
     assert prov["git"]["commit"] and prov["data"]["split_hash"] and prov["packages"]["torch"].startswith("2.13")
-    for fig in ("selection.png", "convergence.png", "claims.png", "fidelity_delta_ce_kl.png",
+    for fig in ("lm_ce_by_position.png", "selection.png", "convergence.png", "claims.png", "fidelity_delta_ce_kl.png",
                 "paired_delta_ce_kl.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
         assert (RESULTS / "figures" / fig).stat().st_size > 1000, fig
     k, seed = exp.primary_k[0], exp.seeds[0]
