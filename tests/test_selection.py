@@ -114,3 +114,11 @@ def test_a_stored_selection_from_another_protocol_or_setting_is_refused(tmp_path
     other = {**ok, "provenance": {"profile": {**mine, "selection": {**mine["selection"], "seeds": [7, 8]}}}}
     with pytest.raises(ConfigError, match="other selection settings"):
         check_selection(p, other, tmp_path / "selection.json")
+
+
+def test_step_changes_between_consecutive_recorded_lengths_by_hand():
+    curve = {"4000": {"delta_ce": 0.3}, "1000": {"delta_ce": 0.5}, "2000": {"delta_ce": 0.4}}  # keys out of order
+    steps = sel.step_changes(curve)
+    assert [(a, b) for a, b, _ in steps] == [(1000, 2000), (2000, 4000)]
+    assert [ch for _, _, ch in steps] == pytest.approx([-0.2, -0.25])
+    assert sel.step_changes({"1000": {"delta_ce": 0.5}}) == []

@@ -136,3 +136,9 @@ def relative_change(curve: dict[str, dict[str, Any]], base_tokens: int, metric: 
 
     a, b = near(base_tokens), near(2 * base_tokens)
     return None if a is None or b is None else (b[metric] - a[metric]) / a[metric]
+
+
+def step_changes(curve: dict[str, dict[str, Any]], metric: str = "delta_ce") -> list[tuple[int, int, float]]:
+    """(tokens, next recorded tokens, relative change of ``metric`` between them) along a convergence curve."""
+    toks = sorted(curve, key=int)
+    return [(int(a), int(b), curve[b][metric] / curve[a][metric] - 1) for a, b in zip(toks, toks[1:], strict=False)]
