@@ -272,9 +272,16 @@ class VariantsConfig:
     threads: int = 0
     """> 0: retrain every arm's primary-k SAEs (primary seeds) with this many CPU threads, as group "threads_<n>":
     another reduction order, as another CPU would have, to show the verdicts do not hinge on it."""
+    length_multiplier: float = 0.0
+    """> 0: retrain every arm's primary-k SAEs (all primary seeds, same lr and schedule shape) for this multiple of
+    ``train.tokens``, as group "length_<m>": the length check of PREREG v3 (does the paired gain move when the
+    training length changes?)."""
 
     def __post_init__(self) -> None:
         _require(all(k > 0 for k in self.k_grid), f"variants.k_grid must be positive, got {self.k_grid}")
+        _require(self.length_multiplier >= 0 and self.length_multiplier != 1.0,
+                 f"variants.length_multiplier must be 0 (none) or a positive multiple other than 1, got "
+                 f"{self.length_multiplier}")
         _require(len(set(self.seeds)) == len(self.seeds), f"variants.seeds must be unique, got {self.seeds}")
         _require(self.threads >= 0, f"variants.threads must be >= 0, got {self.threads}")
 

@@ -1,5 +1,6 @@
-"""The v2 claims ledger (PREREG.md, version 2): ``prereg.yaml`` version 2 + ``results/<profile>/metrics.jsonl``
--> one three-way verdict per claim (``gsae.decision``: replicated / not replicated / underpowered).
+"""The claims ledger (PREREG.md, versions 2 and 3): ``prereg_v3.yaml`` + ``results/<profile>/metrics.jsonl``
+-> one three-way verdict per claim (``gsae.decision``: replicated / not replicated / underpowered), and v3's
+length check (``length_check``: does the paired gain move when the training length doubles?).
 
 A v2 claim names its tests: a metric, the encoder of the treatment arm's rows, the direction and the minimum
 effect, evaluated at the pre-registered primary k (the verdict) and at every other k of the grid (reported,
@@ -35,8 +36,14 @@ from .claims import BASELINE, TREATMENT, _index, _values
 OUTCOMES = ("replicated", "not replicated", "mixed", "underpowered", "not testable (floor)", "not tested")
 
 
+CURRENT = "prereg_v3.yaml"
+"""The registered pre-registration (under the repository root) the claims stage applies."""
+
+LENGTH_OUTCOMES = ("length-stable", "length-dependent", "undetermined", "not tested")
+
+
 class LedgerError(ValueError):
-    """prereg.yaml (version 2) is not something this module can apply; the message says what to fix."""
+    """The pre-registration (version 2 or 3) is not something this module can apply; the message says what to fix."""
 
 
 class TestResult(NamedTuple):
@@ -78,10 +85,13 @@ class ClaimResult(NamedTuple):
     interval and the same rule: reported, never part of the verdict."""
 
 
-def load_prereg_v2(path: str | Path) -> dict[str, Any]:
+def load_prereg(path: str | Path) -> dict[str, Any]:
     pre = yaml.safe_load(Path(path).read_text())
-    if not isinstance(pre, dict) or pre.get("version") != 2:
-        raise LedgerError(f"{path}: expected prereg.yaml version 2 (v1 is applied by gsae.claims)")
+    if not isinstance(pre, dict) or pre.get("version") not in (2, 3):
+        raise LedgerError(f"{path}: expected a pre-registration of version 2 or 3 (v1 is applied by gsae.claims)")
+    lc = pre.get("length_check")
+    if lc is not None and (not {"variant", "margin", "claim"} <= set(lc) or lc["claim"] not in pre.get("claims", {})):
+        raise LedgerError(f"{path}: length_check needs variant, margin and a registered claim, got {lc}")
     for key in ("primary_k", "k_grid", "alpha", "claims"):
         if key not in pre.get("design", {}) and key not in pre:
             raise LedgerError(f"{path}: missing '{key}'")

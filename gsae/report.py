@@ -404,7 +404,7 @@ def _print_stale(diffs: list[str], profile: str) -> int:
 def _run_ledger(args: argparse.Namespace, profile: Any) -> int:
     """A v2 profile (``selection.protocol: per_arm``): the ledger from results/<profile>/metrics.jsonl (no LM
     needed); ``--check`` compares the README block of the registered profile with it."""
-    from .ledger import load_prereg_v2
+    from . import ledger
     from .stages.claims import ledger_report, write_ledger
 
     rows = load_metrics(ROOT / "results" / args.profile / "metrics.jsonl")
@@ -413,7 +413,7 @@ def _run_ledger(args: argparse.Namespace, profile: Any) -> int:
         return 0
     readme = ROOT / "README.md"
     rep = ledger_report(profile, rows)
-    if profile.name == load_prereg_v2(ROOT / "prereg_v2.yaml").get("profile"):
+    if profile.name == ledger.load_prereg(ROOT / ledger.CURRENT).get("profile"):
         stale = [_diff(_split_markers(_read_readme(readme), readme, m)[1], _block(text), f"README.md {m[0]}")
                  for m, text in (((START, END), rep.markdown), (BOTTOM_LINE, rep.bottom_line))
                  if not check_readme(readme, text, m)]

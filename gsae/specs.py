@@ -78,7 +78,8 @@ def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str,
     """The primary grid (every arm, k and seed; arms interleaved per (k, seed)) and the sensitivity variants:
     each arm's own variants and ``auxk_off`` (AuxK off) for every arm at ``variants.k_grid``, and with
     ``variants.threads`` the primary-k SAEs (``variants.seeds``, else the primary seeds) retrained with that many
-    threads. ``chosen`` maps an arm to its selected
+    threads, and with ``variants.length_multiplier`` m the primary-k SAEs (primary seeds) trained for m x
+    ``train.tokens`` (group ``length_group``). ``chosen`` maps an arm to its selected
     hyperparameters; ``lr`` is one learning rate for every arm or one per arm."""
     def cfg(name: str, k: int, **over: Any) -> SAEConfig:
         return sae_config(p, name, d_in, k, grad_scale, **{**chosen.get(name, {}), **over})
@@ -100,7 +101,17 @@ def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str,
         n = p.variants.threads
         specs += [SAESpec(f"threads_{n}", name, k, s, cfg(name, k), train(name, s, threads=n))
                   for k in primary_k for s in (p.variants.seeds or e.seeds) for name in e.arms]
+    if p.variants.length_multiplier:
+        tokens = max(1, round(p.variants.length_multiplier * p.train.tokens / p.train.batch_size)) * p.train.batch_size
+        specs += [SAESpec(length_group(p), name, k, s, cfg(name, k), train(name, s, tokens=tokens))
+                  for k in primary_k for s in e.seeds for name in e.arms]
     return specs
+
+
+def length_group(p: Profile) -> str:
+    """The group name of the length check's SAEs, e.g. "length_2" ("" without one)."""
+    m = p.variants.length_multiplier
+    return f"length_{m:g}" if m else ""
 
 
 def sae_dir(p: Profile, spec: SAESpec, model_hash: str) -> Path:

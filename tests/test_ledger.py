@@ -88,7 +88,7 @@ def test_render_names_every_claim_and_bad_prereg_is_refused(tmp_path):
     assert "**C1** fidelity" in md and "**replicated**" in md and "k = 32" in md
     (tmp_path / "p.yaml").write_text("version: 1\n")
     with pytest.raises(ledger.LedgerError, match="version 2"):
-        ledger.load_prereg_v2(tmp_path / "p.yaml")
+        ledger.load_prereg(tmp_path / "p.yaml")
 
 
 def test_secondary_tests_take_their_rule_from_the_claim_and_never_change_its_verdict():

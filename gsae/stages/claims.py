@@ -1,6 +1,6 @@
 """Stage ``claims``: the one writer of ``results/<profile>/metrics.jsonl`` (``gsae.metrics``), then the
 pre-registered verdicts: for a v2 profile (``selection.protocol: per_arm``) the three-way ledger of
-``prereg_v2.yaml`` (``gsae.ledger``), written to ``results/<profile>/ledger.json`` and, for the registered
+``prereg_v3.yaml`` (``gsae.ledger``), written to ``results/<profile>/ledger.json`` and, for the registered
 profile, the README claims block; for a v1 profile ``gsae.claims`` (README table + SENSITIVITY.md)."""
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def convergence_note(p: Profile, max_rel_change: float) -> str:
             f"{100 * max_rel_change:g}%): {verdict}.\n")
 
 
-def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prereg_v2.yaml",
+def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledger.CURRENT,
                   v1_metrics: Path = V1_METRICS) -> LedgerReport:
     """Apply prereg v2 to ``rows`` (metrics.jsonl) without writing anything."""
-    pre = ledger.load_prereg_v2(prereg_path)
+    pre = ledger.load_prereg(prereg_path)
     if p.name != pre.get("profile"):  # an unregistered profile (smoke_v2) is analysed on its own grid
         pre = {**pre, "primary_k": list(p.experiment.primary_k or p.experiment.k_grid),
                "k_grid": list(p.experiment.k_grid)}
@@ -83,13 +83,13 @@ def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prer
     return LedgerReport(md, record, ledger.render_bottom_line(results, pre, half, conv))
 
 
-def write_ledger(p: Profile, rows: list[dict], prereg_path: Path = ROOT / "prereg_v2.yaml") -> str:
+def write_ledger(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledger.CURRENT) -> str:
     """Apply prereg v2 to ``rows``; write ledger.json (and the README block for the registered profile)."""
     from ..report import BOTTOM_LINE, update_readme
 
     rep = ledger_report(p, rows, prereg_path)
     io.write_json(results_dir(p) / "ledger.json", rep.record)
-    if p.name == ledger.load_prereg_v2(prereg_path).get("profile"):
+    if p.name == ledger.load_prereg(prereg_path).get("profile"):
         update_readme(ROOT / "README.md", rep.markdown)
         update_readme(ROOT / "README.md", rep.bottom_line, BOTTOM_LINE)
     return rep.markdown

@@ -32,6 +32,8 @@ def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str,
     from ..train import Job, TrainingDiverged, torch_threads, train_saes
 
     outs = [sae_dir(p, s, model_hash) for s in specs]
+    for s, out in zip(specs, outs, strict=True):
+        check_trained_config(s, out)
     todo = [(s, out) for s, out in zip(specs, outs, strict=True) if io.read_manifest(out) is None]
     if not todo:
         return outs
@@ -67,6 +69,19 @@ def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str,
     for (s, out), res in zip(todo, results, strict=True):
         _save_trained(p, s, out, res, train_reader, model_hash)
     return outs
+
+
+def check_trained_config(spec: SAESpec, out: Path) -> None:
+    """An SAE directory is keyed by the SAE's name and its data, not by every training setting: one trained under
+    other settings (e.g. before the profile's ``train.tokens`` changed) is refused, never reused as this spec."""
+    made = io.read_manifest(out)
+    if made is None:
+        return
+    want = {"sae_cfg": dataclasses.asdict(spec.sae), "train_cfg": dataclasses.asdict(spec.train)}
+    stale = [key for key, value in want.items() if json.loads(json.dumps(value)) != made.get(key)]
+    if stale:
+        raise ConfigError(f"{out} holds {spec.name} trained with other {' and '.join(stale)} than the profile now "
+                          f"asks for; move that directory aside (or run ./run_all.sh --force) to retrain it")
 
 
 def stream_key(spec: SAESpec) -> tuple:
