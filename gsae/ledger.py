@@ -187,6 +187,89 @@ def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimRe
     return out
 
 
+class LengthCheck(NamedTuple):
+    """PREREG v3 §2 for one test at one k: the per-seed change of the paired relative gain, ``variant`` (the longer
+    training) minus the primary SAEs, each gain relative to its own group's TopK mean."""
+    test: str
+    k: int
+    variant: str
+    outcome: str
+    """"length-stable", "length-dependent", "undetermined" or "not tested" (``LENGTH_OUTCOMES``)."""
+    estimate: float
+    """Mean change of the relative gain (fraction of TopK's mean; positive = the g-SAE gains more when longer)."""
+    lower: float
+    upper: float
+    n: int
+    gain_primary: float
+    gain_variant: float
+    sd: float = math.nan
+
+
+def length_outcome(lower: float, upper: float, margin: float) -> str:
+    """Equivalence of the change with zero: inside (-margin, +margin) is stable, wholly outside it is dependent."""
+    if -margin < lower and upper < margin:
+        return "length-stable"
+    if lower >= margin or upper <= -margin:
+        return "length-dependent"
+    return "undetermined"
+
+
+def length_check(index: dict, test: dict[str, Any], k: int, variant: str, margin: float, alpha: float,
+                 family: int) -> LengthCheck:
+    """The length check of one relative test at ``k`` (PREREG v3 §2), on the seeds both groups have."""
+    name = f"{test['metric']} ({test['encode_mode']})"
+    vals = {g: (_values(index, g, BASELINE, test["encode_mode"], k, test["metric"]),
+                _values(index, g, TREATMENT, test["encode_mode"], k, test["metric"])) for g in ("primary", variant)}
+    seeds = sorted(set.intersection(*(set(t) & set(g) for t, g in vals.values())))
+    if len(seeds) < 2:
+        return LengthCheck(name, k, variant, "not tested", math.nan, math.nan, math.nan, len(seeds), math.nan,
+                           math.nan)
+    gains = {g: decision.relative_gains({s: t[s] for s in seeds}, {s: v[s] for s in seeds}, test["better"]).gains
+             for g, (t, v) in vals.items()}
+    iv = decision.paired_interval(gains[variant] - gains["primary"], alpha, family)
+    return LengthCheck(name, k, variant, length_outcome(iv.lower, iv.upper, margin), iv.estimate, iv.lower,
+                       iv.upper, len(seeds), float(gains["primary"].mean()), float(gains[variant].mean()), iv.sd)
+
+
+def evaluate_length_check(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[LengthCheck]:
+    """Every relative test of the registered ``length_check`` claim at the primary k (empty without one)."""
+    lc = prereg.get("length_check")
+    if not lc:
+        return []
+    tests = [t for t in prereg["claims"][lc["claim"]]["tests"] if t["rule"] == "relative"]
+    index = _index(rows)
+    family = len(tests) * len(prereg["primary_k"])
+    return [length_check(index, t, k, lc["variant"], float(lc["margin"]), float(prereg["alpha"]), family)
+            for k in prereg["primary_k"] for t in tests]
+
+
+def render_length_check(checks: list[LengthCheck], prereg: dict[str, Any]) -> str:
+    """One line per test of the length check, and whether the claim's verdict is final (PREREG v3 §2)."""
+    if not checks:
+        return ""
+    lc = prereg["length_check"]
+    lines = [f"- {c.test} at k = {c.k}: gain {_pct(c.gain_primary)} (primary) → {_pct(c.gain_variant)} ({c.variant}); "
+             f"change {_pct(c.estimate)} [{_pct(c.lower)}, {_pct(c.upper)}], n = {c.n}: **{c.outcome}**"
+             for c in checks]
+    final = all(c.outcome == "length-stable" for c in checks)
+    head = (f"Length check (PREREG v3 §2): the change of {lc['claim']}'s paired gain when the training length is "
+            f"multiplied by {lc.get('multiplier', '?')} (group {lc['variant']}), Bonferroni interval; stable if inside "
+            f"±{100 * float(lc['margin']):g} points. {lc['claim']}'s verdict is "
+            + ("**final** (every test length-stable)." if final else "**provisional** (not every test is "
+                                                                       "length-stable)."))
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def length_check_sentence(checks: list[LengthCheck], prereg: dict[str, Any]) -> str:
+    """The length check in one sentence, for the README's bottom line."""
+    lc = prereg["length_check"]
+    final = all(c.outcome == "length-stable" for c in checks)
+    parts = "; ".join(f"{c.test} {_pct(c.estimate)} [{_pct(c.lower)}, {_pct(c.upper)}] ({c.outcome})" for c in checks)
+    return (f"Length check (training {lc.get('multiplier', '?')}× longer, n = {max(c.n for c in checks)}): the "
+            f"paired gain changed by {parts}, so {lc['claim']}'s verdict is "
+            + ("final." if final else "**provisional**."))
+
+
 def secondary_test(claim: dict[str, Any], secondary: dict[str, Any]) -> dict[str, Any]:
     """A secondary test names a metric and an encoder; its rule, direction and minimum effect are those of the
     claim's test of the same metric."""

@@ -43,6 +43,7 @@ BAD = [
     (with_change("experiment", seeds=[0, 0]), "unique"),
     (with_change("experiment", k_grid=[0, 8]), "k_grid"),
     (with_change("experiment", beta_grid=[-1.0]), "beta_grid"),
+    (with_change("variants", length_multiplier=1.0), "length_multiplier"),
     ({**smoke_raw(), "model": {"name": "tiny", "layers": 3}}, "unknown key"),
     (with_change("experiment", arms=["topk", "jumprelu"]), "registered arms"),
     (with_change("experiment", arms=["topk"]), "two or more"),

@@ -173,3 +173,56 @@ def test_bottom_line_quotes_each_verdict_with_its_deciding_interval():
     assert f"delta_ce (plain) +{100 * r.estimate:.1f}% [+{100 * r.lower:.1f}%, +{100 * r.upper:.1f}%]" in text
     assert "Rerun threads_1: C1 not replicated" in text and "primary SAEs on the same seeds: C1 replicated" in text
     assert "1.2% of TopK's ΔCE (target ≤ 2.5%)" in text and len(text.splitlines()) <= 6
+
+
+PREREG_V3 = {**PREREG, "version": 3, "length_check": {"variant": "length_2", "multiplier": 2, "margin": 0.05,
+                                                      "claim": "C1"}}
+
+
+def test_length_check_matches_a_hand_computed_paired_interval():
+    rows = (rows_for({"delta_ce": 0.02, "kl": 0.0}, 32, range(8), sd=0.03, seed=1)
+            + rows_for({"delta_ce": 0.08, "kl": 0.0}, 32, range(8), variant="length_2", sd=0.03, seed=2))
+    c = ledger.evaluate_length_check(PREREG_V3, rows)[0]
+
+    def gains(variant: str) -> np.ndarray:
+        pick = {(x["arm"], x["seed"]): x["metrics"]["delta_ce"] for x in rows
+                if x["variant"] == variant and x["encode_mode"] == "plain"}
+        t = np.array([pick["topk", s] for s in range(8)])
+        return (t - np.array([pick["gsae", s] for s in range(8)])) / t.mean()  # each group's own TopK mean
+
+    change = gains("length_2") - gains("primary")
+    ci = sps.ttest_rel(change, np.zeros(8)).confidence_interval(1 - 0.05 / 2)  # Bonferroni over C1's two tests
+    assert (c.test, c.n) == ("delta_ce (plain)", 8)
+    assert c.lower == pytest.approx(ci.low, rel=1e-9) and c.upper == pytest.approx(ci.high, rel=1e-9)
+    assert c.estimate == pytest.approx(change.mean(), rel=1e-9)
+    assert c.outcome == ledger.length_outcome(ci.low, ci.high, 0.05)
+
+
+@pytest.mark.parametrize(("true_change", "lo", "hi"), [(0.0, 0.8, 1.0), (0.05, 0.0, 0.025), (0.10, 0.0, 0.0)])
+def test_length_rule_rates_in_simulation(true_change, lo, hi):
+    """PREREG v3 §2's planned design: 16 seeds, SD of the per-seed change 4.4 % of TopK's mean, Bonferroni over 2.
+    No change: "length-stable" in most draws; a change as large as the margin: at most alpha/(2F) of the time."""
+    rng = np.random.default_rng(0)
+    n_sims, stable = 4000, 0
+    for _ in range(n_sims):
+        iv = ledger.decision.paired_interval(true_change + 0.044 * rng.standard_normal(16), 0.05, 2)
+        stable += ledger.length_outcome(iv.lower, iv.upper, 0.05) == "length-stable"
+    assert lo <= stable / n_sims <= hi
+
+
+def test_length_outcomes_at_the_edges():
+    assert ledger.length_outcome(-0.01, 0.02, 0.05) == "length-stable"
+    assert ledger.length_outcome(0.06, 0.09, 0.05) == "length-dependent"
+    assert ledger.length_outcome(-0.12, -0.05, 0.05) == "length-dependent"
+    assert ledger.length_outcome(-0.02, 0.06, 0.05) == "undetermined"
+
+
+def test_length_check_without_the_variant_is_not_tested_and_bad_config_is_refused(tmp_path):
+    assert ledger.evaluate_length_check(PREREG, rows_for({}, 32, range(4))) == []  # v2: no length check
+    res = ledger.evaluate_length_check(PREREG_V3, rows_for({}, 32, range(4)))
+    assert {c.outcome for c in res} == {"not tested"}
+    import yaml
+    bad = {**PREREG_V3, "length_check": {"variant": "length_2", "claim": "C9"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ledger.LedgerError, match="length_check"):
+        ledger.load_prereg(tmp_path / "p.yaml")

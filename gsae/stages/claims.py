@@ -37,8 +37,9 @@ class LedgerReport(NamedTuple):
     """One line per claim with its verdict and intervals, plus power and robustness (the README's bottom line)."""
 
 
-def convergence_note(p: Profile, max_rel_change: float) -> str:
-    """C1's convergence criterion (PREREG v2 §3) from results/<profile>/convergence.json, or "" without it."""
+def convergence_note(p: Profile, max_rel_change: float, decisive: bool = True) -> str:
+    """The per-arm convergence criterion (PREREG v2 §3) from results/<profile>/convergence.json, or "" without it;
+    not ``decisive`` (PREREG v3 §2): reported only, the length check decides whether C1 is final."""
     path = results_dir(p) / "convergence.json"
     if not path.exists():
         return ""
@@ -50,7 +51,9 @@ def convergence_note(p: Profile, max_rel_change: float) -> str:
             return ""
         converged &= abs(change) < max_rel_change
         parts.append(f"{arms.get(arm).label} {100 * change:+.1f}%")
-    verdict = ("converged" if converged else "**not converged**, so every C1 verdict is provisional (PREREG v2 §3)")
+    verdict = ("converged" if converged else "**not converged**, so every C1 verdict is provisional (PREREG v2 §3)"
+               if decisive else ("converged" if converged else "not converged")
+               + " (reported only: the length check below decides whether C1 is final, PREREG v3 §2)")
     return (f"Convergence (validation ΔCE, plain-encode, seed {conv['seed']}): doubling the training length "
             f"({conv['primary_tokens']:,} tokens) changed it by {', '.join(parts)} (criterion < "
             f"{100 * max_rel_change:g}%): {verdict}.\n")
@@ -68,19 +71,24 @@ def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledge
     note = (f"\nC1 at k = {pre['primary_k']}: 95% half-width of the paired ΔCE difference = "
             + ", ".join("—" if math.isnan(h) else f"{h:.2f}%" for h in half)
             + f" of TopK's ΔCE (design target ≤ {100 * pre['power_target_half_width']:.1f}%).\n")
-    conv = convergence_note(p, float(pre.get("convergence", {}).get("max_rel_change", 0.02)))
+    conv_cfg = pre.get("convergence", {})
+    conv = convergence_note(p, float(conv_cfg.get("max_rel_change", 0.02)), bool(conv_cfg.get("decisive", True)))
+    lengths = ledger.evaluate_length_check(pre, rows)
+    length_md = ledger.render_length_check(lengths, pre)
     secondary = ledger.render_secondary(results, pre)
     v1 = claims.load_metrics(v1_metrics) if p.name == pre.get("profile") and v1_metrics.exists() else None
     md = "\n".join(part for part in (
-        ledger.render(results, pre) + note, conv, secondary,
+        ledger.render(results, pre) + note, conv, length_md, secondary,
         "C1 across the k grid (the primary k decides, Bonferroni over its tests; the other k have fewer seeds and are "
         "never decisive). MDE: the smallest true gain the rule would call \"replicated\" with 80% power at that k's "
         "seed count and measured SD.\n", ledger.render_curve(results, pre),
         QUALITY_NOTE + "\n", ledger.render_quality(rows, v1)) if part)
     record = {"prereg_version": pre["version"],
               "claims": [c._asdict() | {key: [r._asdict() for r in getattr(c, key)]
-                                        for key in ("primary", "curve", "secondary")} for c in results]}
-    return LedgerReport(md, record, ledger.render_bottom_line(results, pre, half, conv))
+                                        for key in ("primary", "curve", "secondary")} for c in results],
+              "length_check": [c._asdict() for c in lengths]}
+    bottom_note = ledger.length_check_sentence(lengths, pre) if lengths else conv
+    return LedgerReport(md, record, ledger.render_bottom_line(results, pre, half, bottom_note))
 
 
 def write_ledger(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledger.CURRENT) -> str:

@@ -1,0 +1,57 @@
+"""What gets trained: the length check's group (PREREG v3 §2) and the refusal to reuse an SAE trained under other
+settings (directories are keyed by name and data, not by every training setting)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from gsae import io, specs
+from gsae.config import ConfigError, profile_from_dict
+from gsae.paths import ROOT
+from gsae.stages.train import check_trained_config
+
+CHOSEN = {"gsae": {"beta": 0.1}}
+
+
+def profile(**variants):
+    raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    raw["variants"] = {**raw["variants"], **variants}
+    return profile_from_dict("default", raw)
+
+
+def test_length_group_retrains_the_primary_k_saes_of_every_primary_seed_for_m_times_the_tokens():
+    p = profile(length_multiplier=2.0)
+    grid = specs.experiment_specs(p, 576, 1.0, {"gsae": {"beta": 0.1}}, {"topk": 4e-3, "gsae": 2e-3})
+    primary = {(s.arm, s.k, s.seed): s for s in grid if s.group == "primary"}
+    longer = [s for s in grid if s.group == "length_2"]
+    assert specs.length_group(p) == "length_2"
+    assert {(s.arm, s.k, s.seed) for s in longer} == {(a, 32, s) for a in ("topk", "gsae") for s in p.experiment.seeds}
+    for s in longer:
+        ref = primary[s.arm, s.k, s.seed]
+        assert s.train.tokens == 727 * 1024 and s.sae == ref.sae  # 2 x 372,000 / 1,024 = 726.6 batches, rounded
+        assert dataclasses.replace(s.train, tokens=ref.train.tokens) == ref.train  # same lr, seed and schedule
+    assert not [s for s in specs.experiment_specs(profile(length_multiplier=0.0), 576, 1.0, CHOSEN, 1e-3)
+                if s.group.startswith("length")]
+
+
+def test_length_group_rounds_to_whole_batches():
+    p = profile(length_multiplier=0.5)
+    s = next(s for s in specs.experiment_specs(p, 576, 1.0, CHOSEN, 1e-3) if s.group == "length_0.5")
+    assert s.train.tokens % p.train.batch_size == 0 and abs(s.train.tokens - 186_000) < p.train.batch_size
+
+
+def test_an_sae_trained_under_other_settings_is_refused_with_what_to_do(tmp_path):
+    p = profile()
+    spec = next(s for s in specs.experiment_specs(p, 576, 1.0, CHOSEN, 1e-3) if s.k == 32)
+    check_trained_config(spec, tmp_path)  # nothing trained there yet: fine
+    made = {"sae_cfg": dataclasses.asdict(spec.sae), "train_cfg": dataclasses.asdict(spec.train)}
+    (tmp_path / io.MANIFEST).write_text(json.dumps(made))
+    check_trained_config(spec, tmp_path)  # the same settings: reused
+    made["train_cfg"]["tokens"] *= 2
+    (tmp_path / io.MANIFEST).write_text(json.dumps(made))
+    with pytest.raises(ConfigError, match="train_cfg.*move that directory aside"):
+        check_trained_config(spec, tmp_path)
