@@ -67,8 +67,8 @@ def machine_prefixes(root: str | Path) -> list[tuple[str, str]]:
 
 
 def _path_pattern(prefixes: Sequence[tuple[str, str]]) -> tuple[re.Pattern[str], dict[str, str]]:
-    # A prefix counts only as a whole path component: "/work/main" matches "/work/main/x" and "/work/main'"
-    # but not "/work/mainline".
+    # A prefix counts only as a whole path component: "/srv/clone" matches "/srv/clone/x" and "/srv/clone'"
+    # but not "/srv/cloneline".
     alternatives = "|".join(re.escape(p) for p, _ in prefixes)
     return re.compile(rf"({alternatives})(/|(?![\w.\-]))"), dict(prefixes)
 

@@ -53,3 +53,18 @@ def test_installed_environment_is_the_lock():
         assert version(name).split("+")[0] == pins[name], name
     out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_no_committed_file_holds_a_machine_path():
+    """Committed text (results, provenance, notebooks, notes) names paths relative to the repository: a reader's
+    clone has no /work, /tmp or home directory of ours. (git ls-files: what a fresh clone gets.)"""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    pattern = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|Users)/[\w.-]+")
+    hits = []
+    for name in filter(None, files.split("\0")):
+        path = ROOT / name
+        if path.suffix in {".png", ".safetensors", ".gz", ".pt"} or not path.is_file() or name.startswith("tests/"):
+            continue
+        text = path.read_text(errors="replace")
+        hits += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)]
+    assert not hits, "machine paths in committed files (make them relative): " + "; ".join(hits[:10])
