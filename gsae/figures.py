@@ -231,6 +231,30 @@ VERDICT_COLORS = {"replicated": "#2ca02c", "not replicated": "#d62728", "underpo
 """Colour of each ledger verdict in ``plot_claims``."""
 
 
+def plot_length_check(gains: Sequence[Any], checks: Sequence[Any], margin: float, variant: str) -> plt.Figure:
+    """PREREG v3 §2: per test, each seed's paired gain at the primary length (x) against the longer training (y),
+    in % of TopK's mean; on the diagonal the gain did not move, inside the band it moved by less than ``margin``.
+    ``gains`` are ``ledger.GroupGains``, ``checks`` the matching ``ledger.LengthCheck`` (their interval is in the
+    title)."""
+    fig, axes = plt.subplots(1, len(gains), figsize=(4.2 * len(gains), 4.0), squeeze=False)
+    for ax, g, c in zip(axes[0], gains, checks, strict=True):
+        x, y = 100 * np.asarray(g.primary), 100 * np.asarray(g.variant)
+        lim = max(8.0, float(np.abs(np.r_[x, y]).max()) * 1.15) if len(x) else 8.0
+        line = np.array([-lim, lim])
+        ax.fill_between(line, line - 100 * margin, line + 100 * margin, color="0.9", label=f"±{100 * margin:g} points")
+        ax.plot(line, line, color="0.5", lw=1)
+        ax.axhline(0, color="0.7", lw=0.8)
+        ax.axvline(0, color="0.7", lw=0.8)
+        ax.scatter(x, y, s=22, color="#d62728", zorder=3, label="one seed")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="gain, primary length (% of TopK)",
+               ylabel=f"gain, {variant} (% of TopK)")
+        ax.set_title(f"{g.test}: change {100 * c.estimate:+.1f} [{100 * c.lower:+.1f}, {100 * c.upper:+.1f}]\n"
+                     f"{c.outcome}, n = {c.n}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def plot_claims(ledger_record: dict[str, Any], prereg: dict[str, Any]) -> plt.Figure:
     """One panel per registered test (``results/<profile>/ledger.json`` and prereg v2): per k, the paired effect of
     the g-SAE against TopK with the interval the verdict used (Bonferroni-adjusted at the primary k), coloured by

@@ -214,21 +214,45 @@ def length_outcome(lower: float, upper: float, margin: float) -> str:
     return "undetermined"
 
 
-def length_check(index: dict, test: dict[str, Any], k: int, variant: str, margin: float, alpha: float,
-                 family: int) -> LengthCheck:
-    """The length check of one relative test at ``k`` (PREREG v3 §2), on the seeds both groups have."""
+class GroupGains(NamedTuple):
+    """Per-seed relative gains of one test at one k in two groups, on the seeds both groups have."""
+    test: str
+    seeds: tuple[int, ...]
+    primary: np.ndarray
+    variant: np.ndarray
+
+
+def group_gains(index: dict, test: dict[str, Any], k: int, variant: str) -> GroupGains:
+    """r_s of ``test`` at ``k`` in the primary group and in ``variant``, each relative to its own TopK mean."""
     name = f"{test['metric']} ({test['encode_mode']})"
     vals = {g: (_values(index, g, BASELINE, test["encode_mode"], k, test["metric"]),
                 _values(index, g, TREATMENT, test["encode_mode"], k, test["metric"])) for g in ("primary", variant)}
-    seeds = sorted(set.intersection(*(set(t) & set(g) for t, g in vals.values())))
+    seeds = tuple(sorted(set.intersection(*(set(t) & set(g) for t, g in vals.values()))))
     if len(seeds) < 2:
-        return LengthCheck(name, k, variant, "not tested", math.nan, math.nan, math.nan, len(seeds), math.nan,
+        return GroupGains(name, seeds, np.array([]), np.array([]))
+    gains = [decision.relative_gains({s: t[s] for s in seeds}, {s: v[s] for s in seeds}, test["better"]).gains
+             for t, v in vals.values()]
+    return GroupGains(name, seeds, *gains)
+
+
+def length_check(index: dict, test: dict[str, Any], k: int, variant: str, margin: float, alpha: float,
+                 family: int) -> LengthCheck:
+    """The length check of one relative test at ``k`` (PREREG v3 §2), on the seeds both groups have."""
+    gg = group_gains(index, test, k, variant)
+    if len(gg.seeds) < 2:
+        return LengthCheck(gg.test, k, variant, "not tested", math.nan, math.nan, math.nan, len(gg.seeds), math.nan,
                            math.nan)
-    gains = {g: decision.relative_gains({s: t[s] for s in seeds}, {s: v[s] for s in seeds}, test["better"]).gains
-             for g, (t, v) in vals.items()}
-    iv = decision.paired_interval(gains[variant] - gains["primary"], alpha, family)
-    return LengthCheck(name, k, variant, length_outcome(iv.lower, iv.upper, margin), iv.estimate, iv.lower,
-                       iv.upper, len(seeds), float(gains["primary"].mean()), float(gains[variant].mean()), iv.sd)
+    iv = decision.paired_interval(gg.variant - gg.primary, alpha, family)
+    return LengthCheck(gg.test, k, variant, length_outcome(iv.lower, iv.upper, margin), iv.estimate, iv.lower,
+                       iv.upper, len(gg.seeds), float(gg.primary.mean()), float(gg.variant.mean()), iv.sd)
+
+
+def length_check_gains(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[GroupGains]:
+    """The per-seed gains behind the length check (its figure), one per relative test at each primary k."""
+    lc = prereg["length_check"]
+    tests = [t for t in prereg["claims"][lc["claim"]]["tests"] if t["rule"] == "relative"]
+    index = _index(rows)
+    return [group_gains(index, t, k, lc["variant"]) for k in prereg["primary_k"] for t in tests]
 
 
 def evaluate_length_check(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[LengthCheck]:

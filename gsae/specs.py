@@ -102,10 +102,15 @@ def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str,
         specs += [SAESpec(f"threads_{n}", name, k, s, cfg(name, k), train(name, s, threads=n))
                   for k in primary_k for s in (p.variants.seeds or e.seeds) for name in e.arms]
     if p.variants.length_multiplier:
-        tokens = max(1, round(p.variants.length_multiplier * p.train.tokens / p.train.batch_size)) * p.train.batch_size
+        tokens = scaled_tokens(p.train, p.variants.length_multiplier)
         specs += [SAESpec(length_group(p), name, k, s, cfg(name, k), train(name, s, tokens=tokens))
                   for k in primary_k for s in e.seeds for name in e.arms]
     return specs
+
+
+def scaled_tokens(train: TrainConfig, multiplier: float) -> int:
+    """``multiplier`` x the training length, rounded to whole batches (at least one)."""
+    return max(1, round(multiplier * train.tokens / train.batch_size)) * train.batch_size
 
 
 def length_group(p: Profile) -> str:

@@ -169,3 +169,29 @@ def test_log_axes_are_labelled_only_at_the_measured_values():
     ax = gf.plot_convergence(conv).axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["100k", "200k"]
     assert all(t.get_text() == "" for t in ax.get_xticklabels(minor=True))
+
+
+def test_length_check_plots_each_seed_at_both_lengths_in_percent_with_the_interval_in_the_title():
+    import numpy as np
+
+    from gsae import ledger
+
+    rows = []
+    for variant, shift in (("primary", 0.0), ("length_2", 0.02)):
+        for s in range(4):
+            t = 0.30 + 0.01 * s
+            for arm, v in (("topk", t), ("gsae", t * (0.97 - shift) + 0.001 * s)):
+                rows.append({**row(arm, "plain", 32, s, delta_ce=v, kl=2 * v), "variant": variant})
+    pre = {"primary_k": [32], "alpha": 0.05, "length_check": {"variant": "length_2", "margin": 0.05, "claim": "C1"},
+           "claims": {"C1": {"tests": [{"metric": m, "encode_mode": "plain", "better": "lower", "rule": "relative",
+                                        "min_rel_effect": 0.05} for m in ("delta_ce", "kl")]}}}
+    gains = ledger.length_check_gains(pre, rows)
+    checks = ledger.evaluate_length_check(pre, rows)
+    fig = gf.plot_length_check(gains, checks, 0.05, "length_2")
+    ax = fig.axes[0]
+    pts = ax.collections[-1].get_offsets()
+    t = np.array([0.30 + 0.01 * s for s in range(4)])
+    want_x = 100 * (t - (t * 0.97 + 0.001 * np.arange(4))) / t.mean()  # hand computation of the primary gains
+    assert np.allclose(sorted(pts[:, 0]), sorted(want_x))
+    assert f"{100 * checks[0].estimate:+.1f}" in ax.get_title() and checks[0].outcome in ax.get_title()
+    assert len(fig.axes) == 2

@@ -58,10 +58,14 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
     assert set(conv["curves"]) == set(exp.arms) and all(len(c) == 2 for c in conv["curves"].values())
     ledger = json.loads((RESULTS / "ledger.json").read_text())
     assert {c["claim"] for c in ledger["claims"]} == {"C1", "C2", "C3", "C4"}
+    lengths = ledger["length_check"]  # PREREG v3 §2 on the smoke profile's length_2 group, every primary seed
+    assert [c["test"] for c in lengths] == ["delta_ce (plain)", "kl (plain)"]
+    assert all(c["n"] == len(exp.seeds) and c["outcome"] != "not tested" for c in lengths), lengths
+    assert all(c["robustness"].keys() == {"threads_1", "length_2"} for c in ledger["claims"])
     prov = json.loads((RESULTS / "provenance.json").read_text())
     assert prov["git"]["commit"] and prov["data"]["split_hash"] and prov["packages"]["torch"].startswith("2.13")
     for fig in ("lm_ce_by_position.png", "selection.png", "convergence.png", "claims.png", "fidelity_delta_ce_kl.png",
-                "paired_delta_ce_kl.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
+                "paired_delta_ce_kl.png", "length_check.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
         assert (RESULTS / "figures" / fig).stat().st_size > 1000, fig
     k, seed = exp.primary_k[0], exp.seeds[0]
     for arm in ("topk", "gsae"):  # notebook 05: a dashboard page and a released SAE per arm

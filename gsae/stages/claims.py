@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from .. import arms, claims, io, ledger, metrics
 from ..config import Profile
 from ..paths import ROOT, results_dir
+from ..specs import length_group
 from . import selection
 
 V1_METRICS = ROOT / "results" / "v1" / "metrics.jsonl"
@@ -59,13 +60,25 @@ def convergence_note(p: Profile, max_rel_change: float, decisive: bool = True) -
             f"{100 * max_rel_change:g}%): {verdict}.\n")
 
 
+def prereg_for(p: Profile, prereg_path: Path = ROOT / ledger.CURRENT) -> dict[str, Any]:
+    """The registered pre-registration as it applies to ``p``: the registered profile gets it as written; another
+    (smoke) is analysed on its own k grid, with the length check on its own length group, if it has one."""
+    pre = ledger.load_prereg(prereg_path)
+    if p.name == pre.get("profile"):
+        return pre
+    pre = {**pre, "primary_k": list(p.experiment.primary_k or p.experiment.k_grid), "k_grid": list(p.experiment.k_grid)}
+    if "length_check" in pre:
+        pre["length_check"] = {**pre["length_check"], "variant": length_group(p),
+                               "multiplier": p.variants.length_multiplier}
+        if not length_group(p):
+            del pre["length_check"]
+    return pre
+
+
 def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledger.CURRENT,
                   v1_metrics: Path = V1_METRICS) -> LedgerReport:
     """Apply prereg v2 to ``rows`` (metrics.jsonl) without writing anything."""
-    pre = ledger.load_prereg(prereg_path)
-    if p.name != pre.get("profile"):  # an unregistered profile (smoke_v2) is analysed on its own grid
-        pre = {**pre, "primary_k": list(p.experiment.primary_k or p.experiment.k_grid),
-               "k_grid": list(p.experiment.k_grid)}
+    pre = prereg_for(p, prereg_path)
     results = ledger.evaluate(pre, rows)
     half = [r.half_width_pct for c in results if c.claim == "C1" for r in c.primary if r.test.startswith("delta_ce")]
     note = (f"\nC1 at k = {pre['primary_k']}: 95% half-width of the paired ΔCE difference = "

@@ -17,7 +17,7 @@ from typing import Any
 from .. import arms, distributed, io
 from ..config import Profile
 from ..paths import registry_append, results_dir
-from ..specs import SAESpec, sae_config
+from ..specs import SAESpec, sae_config, scaled_tokens
 from .harvest import reader
 
 
@@ -25,7 +25,7 @@ def _own(p: Profile, arm: str) -> dict[str, float]:
     return {hp: grid[0] for hp, grid in arms.get(arm).hyperparameter_grid(p.experiment).items()}
 
 
-def _spec(p: Profile, arm: str, d_in: int, gs: float, lr: float, seed: int, tokens: int | None = None,
+def trial_spec(p: Profile, arm: str, d_in: int, gs: float, lr: float, seed: int, tokens: int | None = None,
           label: str = "") -> SAESpec:
     k = p.experiment.beta_select_k
     train = dataclasses.replace(p.train, seed=seed, lr=lr, **({"tokens": tokens} if tokens else {}))
@@ -58,7 +58,7 @@ def select_per_arm(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
         lrs, scores, extensions = list(grid), {}, 0
         while True:
             todo = [lr for lr in lrs if lr not in scores]
-            specs = {lr: [_spec(p, arm, d_in, gs, lr, s) for s in p.selection.seeds] for lr in todo}
+            specs = {lr: [trial_spec(p, arm, d_in, gs, lr, s) for s in p.selection.seeds] for lr in todo}
             res = _score(p, lm, [s for ss in specs.values() for s in ss], progress)
             for lr, ss in specs.items():
                 scores[lr] = sum(res[s.name]["delta_ce"] for s in ss) / len(ss)
@@ -79,8 +79,8 @@ def _length_curve(p: Profile, lm, arm: str, lr: float, seed: int, d_in: int, gs:
                   multipliers: tuple[float, ...] | list[float], progress: bool) -> dict[str, Any]:
     """Train ``arm`` at ``lr`` for each multiple of the primary length (whole batches; 1.0 is the selection's own
     trial, so it is reused) and return its validation metrics keyed by the tokens trained."""
-    tok = {m: max(1, round(m * p.train.tokens / p.train.batch_size)) * p.train.batch_size for m in multipliers}
-    specs = {m: _spec(p, arm, d_in, gs, lr, seed, None if m == 1.0 else tok[m],
+    tok = {m: scaled_tokens(p.train, m) for m in multipliers}
+    specs = {m: trial_spec(p, arm, d_in, gs, lr, seed, None if m == 1.0 else tok[m],
                       "" if m == 1.0 else f"lr{lr:.4g}-len{m:g}") for m in multipliers}
     res = _score(p, lm, list(specs.values()), progress)
     return {str(tok[m]): res[s.name] for m, s in specs.items()}
