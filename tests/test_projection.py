@@ -22,24 +22,26 @@ def test_paper_work_counted_by_hand():
     stages = {s.name: s for s in projection.project(p, COSTS)}
     # 126 kept rows per 128-token context: 396,840 + 7,940 + 15,880 contexts forward + backward.
     assert stages["harvest"].seconds == pytest.approx((396_840 + 7_940 + 15_880) * 128 * 1e-6)
-    # 4 lr trials + 1 edge (TopK), 4 beta trials + 1 edge (g-SAE); grid 5 k x 3 seeds per arm; variants at k 16 and
-    # 64 x 3 seeds: auxk_off for TopK, auxk_off + value_mode_score + grad_norm_token for the g-SAE.
+    # Study v3's protocol: per arm, 4 lr trials x 2 selection seeds at the primary length and the length curve at
+    # 0.5x and 2x; the grid: k = 32 x 8 seeds, the other 4 k x 3 seeds, and length_2 (k = 32 x 8 seeds at 2x).
     per_arm, n_trials, n_grid = projection.count_saes(p)
-    assert per_arm == {"topk": 4 + 1 + 15 + 6, "gsae": 4 + 1 + 15 + 18} and (n_trials, n_grid) == (10, 54)
-    steps = 200_000_000 // 4096
-    assert stages["select"].seconds == pytest.approx((5 * 1.0 + 5 * 2.0) * steps) and stages["select"].ranks == 4
-    assert stages["train"].seconds == pytest.approx((21 * 1.0 + 33 * 2.0) * steps) and stages["train"].ranks == 3
-    # The SAEs of one seed train together: 5 k x 2 arms + 2 variant k x (2 g-SAE variants + auxk_off for both).
-    assert projection.largest_stream_group(p) == 5 * 2 + 2 * 4
+    assert per_arm == {"topk": 8 + 2 + 8 + 12 + 8, "gsae": 8 + 2 + 8 + 12 + 8} and (n_trials, n_grid) == (20, 56)
+    steps, half, double = 200_000_000 // 4096, 24_414, 97_656  # 2x: 97,656.25 batches, rounded
+    assert stages["select"].seconds == pytest.approx((8 * steps + half + double) * (1.0 + 2.0))
+    assert stages["select"].ranks == 16  # one round: every arm's lr trials on both selection seeds
+    assert stages["train"].seconds == pytest.approx(20 * steps * (1.0 + 2.0) + 8 * double * (1.0 + 2.0))
+    assert stages["train"].ranks == 8
+    # The SAEs of one batch stream train together: seed 0 at the primary length has 5 k x 2 arms.
+    assert projection.largest_stream_group(p) == 5 * 2
     # x and g in float16 (2 x 768 x 2 bytes) + 3 int64 row-index entries per row; 50 + 1 + 2 shards.
     rows = 50_001_840 + 1_000_440 + 2_000_880
     assert stages["harvest"].disk == projection.harvest_disk_bytes(p) == rows * (2 * 768 * 2 + 24) + 8192 * 53
     steer_rows = 1000 * 3 * 64
-    assert stages["steer"].seconds == pytest.approx(54 * steer_rows * 128 * 2e-6)
-    assert stages["probe"].seconds == pytest.approx(2 * 54 * 2_000_880 * 1e-7)
+    assert stages["steer"].seconds == pytest.approx(32 * steer_rows * 128 * 2e-6)  # k = 32 only: 16 + 16 SAEs
+    assert stages["probe"].seconds == pytest.approx(2 * 56 * 2_000_880 * 1e-7)
     table = projection.format_projection(p, COSTS, list(stages.values()))
-    assert any(line.startswith("train") and "64 SAEs in all" in line for line in table)
-    # On 8 GPUs the harvest splits 50 ways, a selection round 4 ways and the grid 3 ways (one seed group each).
+    assert any(line.startswith("train") and "76 SAEs in all" in line for line in table)
+    # On 8 GPUs the harvest splits 50 ways, a selection round 8 ways and the grid 8 ways (one seed each).
     on_8 = sum(s.seconds / min(8, s.ranks) for s in stages.values())
     assert stages["harvest"].ranks == 50 and f"{on_8 / 3600:,.1f} h on 8" in table[-1]
 
