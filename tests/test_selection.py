@@ -15,10 +15,10 @@ from gsae.paths import ROOT
 from gsae.specs import experiment_specs
 
 
-def v2_profile(**selection):
+def default_profile(**selection):
     raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
     raw["selection"] = {**raw["selection"], **selection}
-    return profile_from_dict("v2", raw)
+    return profile_from_dict("default", raw)
 
 
 @pytest.fixture()
@@ -38,7 +38,7 @@ def fake_training(monkeypatch):
 
 
 def test_every_arm_gets_the_same_trials_and_an_edge_optimum_is_extended(fake_training):
-    p = v2_profile()
+    p = default_profile()
     out = sel.select_per_arm(p, SimpleNamespace(info={"model_hash": "x"}), progress=False)
     assert out["lr"]["topk"] == pytest.approx(4e-3) and not out["at_edge"]["topk"] and out["extensions"]["topk"] == 0
     # the g-SAE's optimum (3.2e-2) lies two grid steps above 8e-3: two extensions reach it, and it is then an edge
@@ -50,18 +50,18 @@ def test_every_arm_gets_the_same_trials_and_an_edge_optimum_is_extended(fake_tra
 
 
 def test_no_extension_budget_reports_the_edge(fake_training):
-    out = sel.select_per_arm(v2_profile(max_extensions=0), SimpleNamespace(info={"model_hash": "x"}), progress=False)
+    out = sel.select_per_arm(default_profile(max_extensions=0), SimpleNamespace(info={"model_hash": "x"}), progress=False)
     assert out["lr"]["gsae"] == pytest.approx(8e-3) and out["at_edge"]["gsae"] and out["extensions"]["gsae"] == 0
 
 
-def test_the_v2_grid_has_eight_primary_seeds_three_curve_seeds_and_the_thread_rerun():
-    """The default profile after the dated cut (DEVIATIONS.md 2026-12-02 14:20): 8 primary seeds per arm at k = 32,
-    3 at the other k, and 4 one-thread reruns per arm."""
-    p = v2_profile()
+def test_the_v3_grid_has_sixteen_primary_seeds_three_curve_seeds_the_thread_rerun_and_the_length_check():
+    """The default profile under PREREG v3: 16 primary seeds per arm at k = 32, 3 at the other k, 4 one-thread
+    reruns per arm (v2's cut, DEVIATIONS.md 2026-12-02 14:20) and the length check on all 16 seeds per arm."""
+    p = default_profile()
     specs = experiment_specs(p, 576, 1.0, {"gsae": {"beta": 0.1}}, {"topk": 4e-3, "gsae": 8e-3})
     count = Counter((s.group, s.k) for s in specs)
-    assert count == {("primary", 32): 16, ("primary", 8): 6, ("primary", 16): 6, ("primary", 64): 6,
-                     ("threads_1", 32): 8}
+    assert count == {("primary", 32): 32, ("primary", 8): 6, ("primary", 16): 6, ("primary", 64): 6,
+                     ("threads_1", 32): 8, ("length_2", 32): 32}
     assert all(s.train.threads == 1 for s in specs if s.group == "threads_1")
     assert {s.train.lr for s in specs if s.arm == "gsae"} == {8e-3}
     assert all(s.train.max_norm_factor == 10 for s in specs)
