@@ -50,7 +50,8 @@ def test_every_arm_gets_the_same_trials_and_an_edge_optimum_is_extended(fake_tra
 
 
 def test_no_extension_budget_reports_the_edge(fake_training):
-    out = sel.select_per_arm(default_profile(max_extensions=0), SimpleNamespace(info={"model_hash": "x"}), progress=False)
+    lm = SimpleNamespace(info={"model_hash": "x"})
+    out = sel.select_per_arm(default_profile(max_extensions=0), lm, progress=False)
     assert out["lr"]["gsae"] == pytest.approx(8e-3) and out["at_edge"]["gsae"] and out["extensions"]["gsae"] == 0
 
 
