@@ -247,12 +247,16 @@ def length_check(index: dict, test: dict[str, Any], k: int, variant: str, margin
                        iv.upper, len(gg.seeds), float(gg.primary.mean()), float(gg.variant.mean()), iv.sd)
 
 
+def _length_tests(prereg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The relative tests of the length check's claim (PREREG v3 §2)."""
+    return [t for t in prereg["claims"][prereg["length_check"]["claim"]]["tests"] if t["rule"] == "relative"]
+
+
 def length_check_gains(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[GroupGains]:
     """The per-seed gains behind the length check (its figure), one per relative test at each primary k."""
-    lc = prereg["length_check"]
-    tests = [t for t in prereg["claims"][lc["claim"]]["tests"] if t["rule"] == "relative"]
     index = _index(rows)
-    return [group_gains(index, t, k, lc["variant"]) for k in prereg["primary_k"] for t in tests]
+    return [group_gains(index, t, k, prereg["length_check"]["variant"]) for k in prereg["primary_k"]
+            for t in _length_tests(prereg)]
 
 
 def evaluate_length_check(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[LengthCheck]:
@@ -260,11 +264,15 @@ def evaluate_length_check(prereg: dict[str, Any], rows: list[dict[str, Any]]) ->
     lc = prereg.get("length_check")
     if not lc:
         return []
-    tests = [t for t in prereg["claims"][lc["claim"]]["tests"] if t["rule"] == "relative"]
-    index = _index(rows)
+    tests, index = _length_tests(prereg), _index(rows)
     family = len(tests) * len(prereg["primary_k"])
     return [length_check(index, t, k, lc["variant"], float(lc["margin"]), float(prereg["alpha"]), family)
             for k in prereg["primary_k"] for t in tests]
+
+
+def is_final(checks: list[LengthCheck]) -> bool:
+    """The claim's verdict is final when every test of the length check is length-stable."""
+    return all(c.outcome == "length-stable" for c in checks)
 
 
 def render_length_check(checks: list[LengthCheck], prereg: dict[str, Any]) -> str:
@@ -275,11 +283,10 @@ def render_length_check(checks: list[LengthCheck], prereg: dict[str, Any]) -> st
     lines = [f"- {c.test} at k = {c.k}: gain {_pct(c.gain_primary)} (primary) → {_pct(c.gain_variant)} ({c.variant}); "
              f"change {_pct(c.estimate)} [{_pct(c.lower)}, {_pct(c.upper)}], n = {c.n}: **{c.outcome}**"
              for c in checks]
-    final = all(c.outcome == "length-stable" for c in checks)
     head = (f"Length check (PREREG v3 §2): the change of {lc['claim']}'s paired gain when the training length is "
             f"multiplied by {lc.get('multiplier', '?')} (group {lc['variant']}), Bonferroni interval; stable if inside "
             f"±{100 * float(lc['margin']):g} points. {lc['claim']}'s verdict is "
-            + ("**final** (every test length-stable)." if final else "**provisional** (not every test is "
+            + ("**final** (every test length-stable)." if is_final(checks) else "**provisional** (not every test is "
                                                                        "length-stable)."))
     return head + "\n\n" + "\n".join(lines) + "\n"
 
@@ -287,11 +294,10 @@ def render_length_check(checks: list[LengthCheck], prereg: dict[str, Any]) -> st
 def length_check_sentence(checks: list[LengthCheck], prereg: dict[str, Any]) -> str:
     """The length check in one sentence, for the README's bottom line."""
     lc = prereg["length_check"]
-    final = all(c.outcome == "length-stable" for c in checks)
     parts = "; ".join(f"{c.test} {_pct(c.estimate)} [{_pct(c.lower)}, {_pct(c.upper)}] ({c.outcome})" for c in checks)
     return (f"Length check (training {lc.get('multiplier', '?')}× longer, n = {max(c.n for c in checks)}): the "
             f"paired gain changed by {parts}, so {lc['claim']}'s verdict is "
-            + ("final." if final else "**provisional**."))
+            + ("final." if is_final(checks) else "**provisional**."))
 
 
 def secondary_test(claim: dict[str, Any], secondary: dict[str, Any]) -> dict[str, Any]:

@@ -52,9 +52,12 @@ def convergence_note(p: Profile, max_rel_change: float, decisive: bool = True) -
             return ""
         converged &= abs(change) < max_rel_change
         parts.append(f"{arms.get(arm).label} {100 * change:+.1f}%")
-    verdict = ("converged" if converged else "**not converged**, so every C1 verdict is provisional (PREREG v2 §3)"
-               if decisive else ("converged" if converged else "not converged")
-               + " (reported only: the length check below decides whether C1 is final, PREREG v3 §2)")
+    if converged or not decisive:
+        verdict = "converged" if converged else "not converged"
+    else:
+        verdict = "**not converged**, so every C1 verdict is provisional (PREREG v2 §3)"
+    if not decisive:
+        verdict += " (reported only: the length check below decides whether C1 is final, PREREG v3 §2)"
     return (f"Convergence (validation ΔCE, plain-encode, seed {conv['seed']}): doubling the training length "
             f"({conv['primary_tokens']:,} tokens) changed it by {', '.join(parts)} (criterion < "
             f"{100 * max_rel_change:g}%): {verdict}.\n")
@@ -67,17 +70,17 @@ def prereg_for(p: Profile, prereg_path: Path = ROOT / ledger.CURRENT) -> dict[st
     if p.name == pre.get("profile"):
         return pre
     pre = {**pre, "primary_k": list(p.experiment.primary_k or p.experiment.k_grid), "k_grid": list(p.experiment.k_grid)}
-    if "length_check" in pre:
+    if "length_check" in pre and length_group(p):
         pre["length_check"] = {**pre["length_check"], "variant": length_group(p),
                                "multiplier": p.variants.length_multiplier}
-        if not length_group(p):
-            del pre["length_check"]
+    elif "length_check" in pre:
+        del pre["length_check"]  # a profile without a length group has nothing to check
     return pre
 
 
 def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledger.CURRENT,
                   v1_metrics: Path = V1_METRICS) -> LedgerReport:
-    """Apply prereg v2 to ``rows`` (metrics.jsonl) without writing anything."""
+    """Apply the registered pre-registration (``prereg_for``) to ``rows`` (metrics.jsonl) without writing anything."""
     pre = prereg_for(p, prereg_path)
     results = ledger.evaluate(pre, rows)
     half = [r.half_width_pct for c in results if c.claim == "C1" for r in c.primary if r.test.startswith("delta_ce")]
