@@ -129,18 +129,17 @@ def _specs(p: Profile) -> tuple[list, list]:
     (``count_saes`` adds its grid-edge trials), or per_arm's lr grid per arm and selection seed plus the per-arm
     length curve (edge extensions, at most ``selection.max_extensions`` per arm, are not counted)."""
     from . import arms
-    from .specs import experiment_specs, scaled_tokens, selection_specs
-    from .stages.selection import trial_spec
+    from .specs import experiment_specs, selection_specs
+    from .stages.selection import length_curve_specs, lr_trial_specs
 
     d = MODEL_SHAPES[p.model.name]["d_model"]
     chosen = {a: {hp: grid[0] for hp, grid in arms.get(a).hyperparameter_grid(p.experiment).items()}
               for a in p.experiment.arms}
     if p.selection.protocol == "per_arm":
-        trials = [trial_spec(p, a, d, 1.0, p.train.lr * m, seed) for a in p.experiment.arms
-                  for m in p.selection.lr_multipliers for seed in p.selection.seeds]
-        trials += [trial_spec(p, a, d, 1.0, p.train.lr, p.selection.seeds[0], scaled_tokens(p.train, m),
-                               f"len{m:g}")
-                   for a in p.experiment.arms for m in p.selection.length_multipliers if m != 1.0]
+        lrs = [p.train.lr * m for m in p.selection.lr_multipliers]
+        trials = [s for a in p.experiment.arms for ss in lr_trial_specs(p, a, lrs, d, 1.0).values() for s in ss]
+        trials += [s for a in p.experiment.arms for m, s in length_curve_specs(
+            p, a, p.train.lr, p.selection.seeds[0], d, 1.0, p.selection.length_multipliers).items() if m != 1.0]
     else:
         trials = selection_specs(p, d, 1.0) + selection_specs(p, d, 1.0, lr=p.train.lr)
     return trials, experiment_specs(p, d, 1.0, chosen, p.train.lr)

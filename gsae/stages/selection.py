@@ -58,7 +58,7 @@ def select_per_arm(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
         lrs, scores, extensions = list(grid), {}, 0
         while True:
             todo = [lr for lr in lrs if lr not in scores]
-            specs = {lr: [trial_spec(p, arm, d_in, gs, lr, s) for s in p.selection.seeds] for lr in todo}
+            specs = lr_trial_specs(p, arm, todo, d_in, gs)
             res = _score(p, lm, [s for ss in specs.values() for s in ss], progress)
             for lr, ss in specs.items():
                 scores[lr] = sum(res[s.name]["delta_ce"] for s in ss) / len(ss)
@@ -75,15 +75,25 @@ def select_per_arm(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     return out
 
 
+def lr_trial_specs(p: Profile, arm: str, lrs: list[float], d_in: int, gs: float) -> dict[float, list[SAESpec]]:
+    """The per_arm selection trials of ``arm``: each lr at every selection seed, at the primary length."""
+    return {lr: [trial_spec(p, arm, d_in, gs, lr, s) for s in p.selection.seeds] for lr in lrs}
+
+
+def length_curve_specs(p: Profile, arm: str, lr: float, seed: int, d_in: int, gs: float,
+                       multipliers: tuple[float, ...] | list[float]) -> dict[float, SAESpec]:
+    """``arm`` at ``lr`` for each multiple of the primary length (whole batches; 1.0 is the selection's own trial)."""
+    return {m: trial_spec(p, arm, d_in, gs, lr, seed, None if m == 1.0 else scaled_tokens(p.train, m),
+                          "" if m == 1.0 else f"lr{lr:.4g}-len{m:g}") for m in multipliers}
+
+
 def _length_curve(p: Profile, lm, arm: str, lr: float, seed: int, d_in: int, gs: float,
                   multipliers: tuple[float, ...] | list[float], progress: bool) -> dict[str, Any]:
-    """Train ``arm`` at ``lr`` for each multiple of the primary length (whole batches; 1.0 is the selection's own
-    trial, so it is reused) and return its validation metrics keyed by the tokens trained."""
-    tok = {m: scaled_tokens(p.train, m) for m in multipliers}
-    specs = {m: trial_spec(p, arm, d_in, gs, lr, seed, None if m == 1.0 else tok[m],
-                      "" if m == 1.0 else f"lr{lr:.4g}-len{m:g}") for m in multipliers}
+    """Train ``length_curve_specs`` (1.0 is the selection's own trial, so it is reused) and return their
+    validation metrics keyed by the tokens trained."""
+    specs = length_curve_specs(p, arm, lr, seed, d_in, gs, multipliers)
     res = _score(p, lm, list(specs.values()), progress)
-    return {str(tok[m]): res[s.name] for m, s in specs.items()}
+    return {str(scaled_tokens(p.train, m)): res[s.name] for m, s in specs.items()}
 
 
 def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
