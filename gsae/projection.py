@@ -169,12 +169,11 @@ def count_saes(p: Profile) -> tuple[dict[str, int], int, int]:
 def largest_stream_group(p: Profile) -> int:
     """The most grid SAEs that share one batch stream (``stages.train.stream_key``): how many the train stage holds
     at once."""
+    from collections import Counter
+
     from .stages.train import stream_key
 
-    per_stream: dict[tuple, int] = {}
-    for s in _specs(p)[1]:
-        per_stream[stream_key(s)] = per_stream.get(stream_key(s), 0) + 1
-    return max(per_stream.values(), default=1)
+    return max(Counter(stream_key(s) for s in _specs(p)[1]).values(), default=1)
 
 
 def harvest_row_bytes(p: Profile) -> int:

@@ -26,7 +26,7 @@ def _own(p: Profile, arm: str) -> dict[str, float]:
 
 
 def trial_spec(p: Profile, arm: str, d_in: int, gs: float, lr: float, seed: int, tokens: int | None = None,
-          label: str = "") -> SAESpec:
+               label: str = "") -> SAESpec:
     k = p.experiment.beta_select_k
     train = dataclasses.replace(p.train, seed=seed, lr=lr, **({"tokens": tokens} if tokens else {}))
     return SAESpec("selection", arm, k, seed, sae_config(p, arm, d_in, k, gs, **_own(p, arm)), train,
