@@ -25,6 +25,12 @@ done
 export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 if [ "$profile" = paper ]; then export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}; else export HF_HUB_OFFLINE=1; fi
 export HF_DATASETS_OFFLINE=$HF_HUB_OFFLINE TRANSFORMERS_OFFLINE=$HF_HUB_OFFLINE
+# glibc hands every large freed block (a [batch, ctx, vocab] logits tensor is hundreds of MB) back to the kernel,
+# so the next one is page-faulted in again: on CPU the splice evaluation then spends as long in the kernel as in
+# its matmuls. Keeping freed memory in the heap changes no number (same kernels, same order) and about halves the
+# evaluation's time (notes/malloc_check.txt). Set any of them to override.
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736}
+export MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_:-1073741824}
 
 ensure_venv() {
   local want stamp=.venv/.gsae-lock-sha256 py

@@ -299,6 +299,10 @@ class EvalConfig:
     """Which SAEs of an arm whose code uses the gradient are spliced with their gradient encoders on the test
     split: "all", or "primary_k" (only the primary group at ``experiment.primary_k``, where the secondary tests
     are registered; the others are spliced with plain-encode only). Activation metrics cover every encoder."""
+    full_test: bool = field(default=True, metadata={"hash_default": False})
+    """Also splice the SAEs at ``experiment.primary_k`` (every group), plain-encode, on EVERY test context: C1's
+    co-primary metrics ``delta_ce_all`` / ``kl_all`` (PREREG v4, stage ``full_test``). Added after v3; left out of
+    the eval cache key at its default, so v3's cached evaluations stay valid."""
 
     def __post_init__(self) -> None:
         _require(self.massive in ("reconstruct", "clean"), f"eval.massive must be 'reconstruct' or 'clean', got "

@@ -36,9 +36,10 @@ UNITS = {"delta_ce": "nats", "kl": "nats", "ce_spliced": "nats", "ce_clean": "na
          "probe_auc_pos": "ROC AUC", "probe_auc_genre": "ROC AUC", "steer_kl@0.25": "nats", "steer_kl@0.5": "nats",
          "steer_kl@1": "nats", "steer_kl": "nats", "probe_auc_pos_heldout": "ROC AUC", "ce_loss_score": "fraction",
          "explained_variance": "fraction of variance", "kl_div": "nats",
-         "dead_fraction_trainsplit": "fraction of latents"}
+         "dead_fraction_trainsplit": "fraction of latents", "delta_ce_all": "nats", "kl_all": "nats",
+         "ce_loss_score_all": "fraction"}
 """Unit of each metric, for axis labels ("" when unknown)."""
-NONNEG = frozenset({"kl", "kl_div", "dead_fraction_trainsplit", "probe_auc_pos_heldout",
+NONNEG = frozenset({"kl", "kl_all", "kl_div", "dead_fraction_trainsplit", "probe_auc_pos_heldout",
                     "fvu", "fvu_typical", "dead_fraction", "dead_fraction_train", "l0", "probe_auc_pos",
                     "probe_auc_genre", "steer_kl@0.25", "steer_kl@0.5", "steer_kl@1", "steer_kl"})
 """Metrics that cannot be negative: their t-intervals are clipped at 0 in plots (delta_ce can be negative)."""

@@ -1,11 +1,12 @@
-"""The claims ledger (PREREG.md, versions 2 and 3): ``prereg_v3.yaml`` + ``results/<profile>/metrics.jsonl``
+"""The claims ledger (PREREG.md, versions 2-4): ``prereg_v4.yaml`` + ``results/<profile>/metrics.jsonl``
 -> one three-way verdict per claim (``gsae.decision``: replicated / not replicated / underpowered), and v3's
 length check (``length_check``: does the paired gain move when the training length doubles?).
 
 A v2 claim names its tests: a metric, the encoder of the treatment arm's rows, the direction and the minimum
 effect, evaluated at the pre-registered primary k (the verdict) and at every other k of the grid (reported,
-never decisive). The intervals of a claim's tests at the primary k share its ``alpha`` (Bonferroni over
-``family`` = the number of those tests). A claim with several co-primary tests is
+never decisive; a claim's ``curve_tests``, when given, replace its tests on the curve, at every k). The
+intervals of a claim's tests at the primary k share its ``alpha`` (Bonferroni over ``family`` = the number of
+those tests). A claim with several co-primary tests is
 
 * replicated      if every test is replicated,
 * not replicated  if every test is not replicated,
@@ -36,8 +37,10 @@ from .claims import BASELINE, TREATMENT, _index, _values
 OUTCOMES = ("replicated", "not replicated", "mixed", "underpowered", "not testable (floor)", "not tested")
 
 
-CURRENT = "prereg_v3.yaml"
+CURRENT = "prereg_v4.yaml"
 """The registered pre-registration (under the repository root) the claims stage applies."""
+SUPERSEDED = "prereg_v3.yaml"
+"""The version it superseded, still applied to the same rows so that both verdicts are shown (PREREG v4 §3)."""
 
 LENGTH_OUTCOMES = ("length-stable", "length-dependent", "undetermined", "not tested")
 
@@ -87,8 +90,8 @@ class ClaimResult(NamedTuple):
 
 def load_prereg(path: str | Path) -> dict[str, Any]:
     pre = yaml.safe_load(Path(path).read_text())
-    if not isinstance(pre, dict) or pre.get("version") not in (2, 3):
-        raise LedgerError(f"{path}: expected a pre-registration of version 2 or 3 (v1 is applied by gsae.claims)")
+    if not isinstance(pre, dict) or pre.get("version") not in (2, 3, 4):
+        raise LedgerError(f"{path}: expected a pre-registration of version 2, 3 or 4 (v1 is applied by gsae.claims)")
     lc = pre.get("length_check")
     if lc is not None and (not {"variant", "margin", "claim"} <= set(lc) or lc["claim"] not in pre.get("claims", {})):
         raise LedgerError(f"{path}: length_check needs variant, margin and a registered claim, got {lc}")
@@ -96,7 +99,7 @@ def load_prereg(path: str | Path) -> dict[str, Any]:
         if key not in pre.get("design", {}) and key not in pre:
             raise LedgerError(f"{path}: missing '{key}'")
     for cid, c in pre["claims"].items():
-        for t in c.get("tests", []):
+        for t in c.get("tests", []) + c.get("curve_tests", []):
             missing = {"metric", "encode_mode", "better", "rule"} - set(t)
             if missing:
                 raise LedgerError(f"{path}: claim {cid} has a test without {sorted(missing)}")
@@ -166,11 +169,14 @@ def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimRe
         family = len(tests) * len(primary_k)
         floor = claim.get("floor")
 
-        def at(k: int, variant: str, fam: int) -> list[TestResult]:
-            return [run_test(index, t, k, variant, alpha, fam, floor) for t in tests]  # noqa: B023
+        def at(k: int, variant: str, fam: int, which: list[dict[str, Any]] | None = None) -> list[TestResult]:
+            return [run_test(index, t, k, variant, alpha, fam, floor) for t in which or tests]  # noqa: B023
 
         primary = [r for k in primary_k for r in at(k, "primary", family)]
-        curve = [r for k in grid if k not in primary_k for r in at(k, "primary", len(tests))]
+        if "curve_tests" in claim:  # the curve has its own tests, at every k (PREREG v4)
+            curve = [r for k in grid for r in at(k, "primary", len(claim["curve_tests"]), claim["curve_tests"])]
+        else:
+            curve = [r for k in grid if k not in primary_k for r in at(k, "primary", len(tests))]
         robustness = {v: combine([r.verdict for k in primary_k for r in at(k, v, family)])
                       for v in claim.get("robustness", [])}
         same_seeds = {}
@@ -280,8 +286,8 @@ def render_length_check(checks: list[LengthCheck], prereg: dict[str, Any]) -> st
     if not checks:
         return ""
     lc = prereg["length_check"]
-    lines = [f"- {c.test} at k = {c.k}: gain {_pct(c.gain_primary)} (primary) → {_pct(c.gain_variant)} ({c.variant}); "
-             f"change {_pct(c.estimate)} [{_pct(c.lower)}, {_pct(c.upper)}], n = {c.n}: **{c.outcome}**"
+    lines = [f"- {c.test} at k = {c.k}: gain {pct(c.gain_primary)} (primary) → {pct(c.gain_variant)} ({c.variant}); "
+             f"change {pct(c.estimate)} [{pct(c.lower)}, {pct(c.upper)}], n = {c.n}: **{c.outcome}**"
              for c in checks]
     head = (f"Length check (PREREG v3 §2): the change of {lc['claim']}'s paired gain when the training length is "
             f"multiplied by {lc.get('multiplier', '?')} (group {lc['variant']}), Bonferroni interval; stable if inside "
@@ -294,7 +300,7 @@ def render_length_check(checks: list[LengthCheck], prereg: dict[str, Any]) -> st
 def length_check_sentence(checks: list[LengthCheck], prereg: dict[str, Any]) -> str:
     """The length check in one sentence, for the README's bottom line."""
     lc = prereg["length_check"]
-    parts = "; ".join(f"{c.test} {_pct(c.estimate)} [{_pct(c.lower)}, {_pct(c.upper)}] ({c.outcome})" for c in checks)
+    parts = "; ".join(f"{c.test} {pct(c.estimate)} [{pct(c.lower)}, {pct(c.upper)}] ({c.outcome})" for c in checks)
     return (f"Length check (training {lc.get('multiplier', '?')}× longer, n = {max(c.n for c in checks)}): the "
             f"paired gain changed by {parts}, so {lc['claim']}'s verdict is "
             + ("final." if is_final(checks) else "**provisional**."))
@@ -303,14 +309,15 @@ def length_check_sentence(checks: list[LengthCheck], prereg: dict[str, Any]) -> 
 def secondary_test(claim: dict[str, Any], secondary: dict[str, Any]) -> dict[str, Any]:
     """A secondary test names a metric and an encoder; its rule, direction and minimum effect are those of the
     claim's test of the same metric."""
-    same = [t for t in claim["tests"] if t["metric"] == secondary["metric"]]
+    same = [t for t in claim["tests"] + claim.get("curve_tests", []) if t["metric"] == secondary["metric"]]
     if not same:
         raise LedgerError(f"secondary test {secondary} has no test of metric {secondary['metric']!r} in its claim "
                           "to take its rule from")
     return {**same[0], **secondary}
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
+    """A fraction as a signed percentage ("—" for NaN)."""
     return "—" if math.isnan(x) else f"{100 * x:+.1f}%"
 
 
@@ -322,7 +329,7 @@ def render(results: list[ClaimResult], prereg: dict[str, Any]) -> str:
         for i, r in enumerate(c.primary):
             equiv = any(t["rule"] == "equivalence" and f"{t['metric']} ({t['encode_mode']})" == r.test
                         for t in prereg["claims"][c.claim]["tests"])
-            fmt = (lambda x: "—" if math.isnan(x) else f"{x:+.4f}") if equiv else _pct
+            fmt = (lambda x: "—" if math.isnan(x) else f"{x:+.4f}") if equiv else pct
             effect = f"{fmt(r.estimate)} [{fmt(r.lower)}, {fmt(r.upper)}]"
             half = "—" if math.isnan(r.half_width_pct) else f"{r.half_width_pct:.1f}%"
             rob = "; ".join(f"{v}: {w} (primary SAEs on the same seeds: {c.robustness_same_seeds.get(v, '—')})"
@@ -344,7 +351,7 @@ def _test_spec(prereg: dict[str, Any], claim: str, test: str) -> dict[str, Any]:
 
 def render_secondary(results: list[ClaimResult], prereg: dict[str, Any]) -> str:
     """One line per secondary test (own 95 % interval, same rule), marked as never decisive."""
-    lines = [f"- {c.claim}, {r.test} at k = {r.k}: {_pct(r.estimate)} [{_pct(r.lower)}, {_pct(r.upper)}], n = {r.n} "
+    lines = [f"- {c.claim}, {r.test} at k = {r.k}: {pct(r.estimate)} [{pct(r.lower)}, {pct(r.upper)}], n = {r.n} "
              f"({_test_spec(prereg, c.claim, r.test).get('note', 'secondary')}; by the same rule it would read "
              f"\"{r.verdict}\")" for c in results for r in c.secondary]
     if not lines:
@@ -357,9 +364,10 @@ def render_curve(results: list[ClaimResult], prereg: dict[str, Any], claim: str 
     and the minimum detectable effect of each: the smallest true gain the rule calls "replicated" with
     probability ``power`` at that k's seed count and measured SD (``decision.minimum_detectable_effect``)."""
     c = next(c for c in results if c.claim == claim)
-    tests = [t for t in prereg["claims"][claim]["tests"] if t["rule"] == "relative"]
+    own = "curve_tests" in prereg["claims"][claim]  # the curve's own tests at every k (PREREG v4)
+    tests = [t for t in prereg["claims"][claim]["curve_tests" if own else "tests"] if t["rule"] == "relative"]
     by_k: dict[int, list[TestResult]] = {}
-    for r in c.primary + c.curve:
+    for r in c.curve if own else c.primary + c.curve:
         by_k.setdefault(r.k, []).append(r)
     names = [f"{t['metric']} ({t['encode_mode']})" for t in tests]
     head = " | ".join(f"{n}: gain [interval] | verdict | MDE" for n in names)
@@ -372,10 +380,10 @@ def render_curve(results: list[ClaimResult], prereg: dict[str, Any], claim: str 
             if r is None or math.isnan(r.estimate):
                 cells.append(f"— | {r.verdict if r else 'not tested'} | —")
                 continue
-            family = len(c.primary) if k in prereg["primary_k"] else len(tests)
+            family = len(c.primary) if k in prereg["primary_k"] and not own else len(tests)
             mde = (decision.minimum_detectable_effect(r.sd, r.n, alpha, power, family, float(t["min_rel_effect"]))
                    if r.sd > 0 else math.nan)
-            cells.append(f"{_pct(r.estimate)} [{_pct(r.lower)}, {_pct(r.upper)}] | {r.verdict} | "
+            cells.append(f"{pct(r.estimate)} [{pct(r.lower)}, {pct(r.upper)}] | {r.verdict} | "
                          f"{'—' if math.isnan(mde) else f'{100 * mde:.1f}%'}")
         star = " (primary)" if k in prereg["primary_k"] else ""
         lines.append(f"| {k}{star} | {by_k[k][0].n} | " + " | ".join(cells) + " |")
@@ -437,7 +445,7 @@ def _effect(r: TestResult, equivalence: bool) -> str:
         return r.verdict
     if equivalence:
         return f"{r.estimate:+.4f} [{r.lower:+.4f}, {r.upper:+.4f}]"
-    return f"{_pct(r.estimate)} [{_pct(r.lower)}, {_pct(r.upper)}]"
+    return f"{pct(r.estimate)} [{pct(r.lower)}, {pct(r.upper)}]"
 
 
 def render_bottom_line(results: list[ClaimResult], prereg: dict[str, Any], c1_half_width: list[float],

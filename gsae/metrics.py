@@ -59,11 +59,12 @@ def _stage_files(d: Path, split: str) -> list[Path]:
 def records(p: Profile, lm, specs: list[SAESpec], split: str = "test") -> list[MetricRecord]:
     """Every metric each stage wrote for each spec and encoder on ``split`` (current code's files only)."""
     from .stages.evaluate import eval_file
+    from .stages.full_test import full_test_file
     from .stages.probe import probe_file
     from .stages.steer import steer_file
 
-    current = {eval_file(p, split), steer_file(p).replace("_test-", f"_{split}-"),
-               probe_file(p).replace("_test-", f"_{split}-")}
+    current = {eval_file(p, split)} | {f.replace("_test-", f"_{split}-")
+                                       for f in (full_test_file(p), steer_file(p), probe_file(p))}
     mh = lm.info["model_hash"]
     out = []
     for s in specs:

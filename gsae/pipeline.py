@@ -1,7 +1,7 @@
 """Command line of the replication: ``python -m gsae.pipeline COMMAND --profile NAME``.
 
-COMMAND is a stage (``gsae.stages.ORDER``: contexts, harvest, train, evaluate, steer, probe, claims), run with
-the same function its notebook calls, or one of ``check`` (fail fast on what would break a run: config, model
+COMMAND is a stage (``gsae.stages.ORDER``: contexts, harvest, train, evaluate, full_test, steer, probe, claims),
+run with the same function its notebook calls, or one of ``check`` (fail fast on what would break a run: config, model
 availability, disk; with ``--dry-run`` also the projected disk, memory and time of every stage, ``gsae.projection``),
 ``clean`` (``--force``: drop the profile's stage outputs) and ``summary`` (where things are). run_all.sh uses
 check / clean / summary and runs the stages through the notebooks. ``extend-convergence --lengths 4 8`` continues a

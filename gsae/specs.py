@@ -135,7 +135,7 @@ def source_version(*modules: Any) -> str:
 def stage_file(p: Profile, stage: str, split: str = "test", code: str = "") -> str:
     """Per-SAE result file name keyed by the settings (and ``code``, a ``source_version``) that produced it, so a
     changed config or code is recomputed rather than read stale."""
-    section = {"eval": p.eval, "firing": p.eval, "steer": p.steering, "probe": p.probing}[stage]
+    section = {"eval": p.eval, "firing": p.eval, "fulltest": p.eval, "steer": p.steering, "probe": p.probing}[stage]
     ext = "safetensors" if stage == "firing" else "json"
     return f"{stage}_{split}-{config_hash(section, code, n=8)}.{ext}"
 

@@ -53,7 +53,7 @@ def test_paper_profile_code_path_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert (p.model.name, p.model.layer, p.experiment.expansion, p.harvest.dtype) == ("gpt2", 7, 32, "float16")
     lm = wrap_model(random_gpt2(seed=0), byte_tokenizer(), name="gpt2-shaped-random")
 
-    for stage in stages.ORDER:  # contexts harvest train evaluate steer probe claims
+    for stage in stages.ORDER:  # contexts harvest train evaluate full_test steer probe claims
         stages.run(stage, p, lm, progress=False)
     browser = write_latent_browser(p, lm, all_specs(p, lm), n_latents=2)
     seconds = time.perf_counter() - t0

@@ -11,7 +11,7 @@ from typing import Any
 from ..config import ConfigError, Profile
 from ..paths import cache_dir
 
-ORDER = ("contexts", "harvest", "train", "evaluate", "steer", "probe", "claims")
+ORDER = ("contexts", "harvest", "train", "evaluate", "full_test", "steer", "probe", "claims")
 """Stage names in dependency order (the CLI's choices)."""
 
 

@@ -78,6 +78,19 @@ def prereg_for(p: Profile, prereg_path: Path = ROOT / ledger.CURRENT) -> dict[st
     return pre
 
 
+def superseded_note(p: Profile, rows: list[dict], path: Path = ROOT / ledger.SUPERSEDED) -> str:
+    """For the registered profile: C1 as the superseded pre-registration reads the same rows (PREREG v4 §3 shows
+    both verdicts), or "" for any other profile."""
+    if not path.exists() or p.name != ledger.load_prereg(path).get("profile"):
+        return ""
+    old = ledger.load_prereg(path)
+    c1 = next(c for c in ledger.evaluate(old, rows) if c.claim == "C1")
+    tests = "; ".join(f"{r.test} {ledger.pct(r.estimate)} [{ledger.pct(r.lower)}, {ledger.pct(r.upper)}]"
+                      for r in c1.primary)
+    return (f"Under the superseded version {old['version']} ({path.name}, the same SAEs): C1 **{c1.verdict}** — "
+            f"{tests}, n = {max(r.n for r in c1.primary)}.\n")
+
+
 def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledger.CURRENT,
                   v1_metrics: Path = V1_METRICS) -> LedgerReport:
     """Apply the registered pre-registration (``prereg_for``) to ``rows`` (metrics.jsonl) without writing anything."""
@@ -93,10 +106,13 @@ def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledge
     length_md = ledger.render_length_check(lengths, pre)
     secondary = ledger.render_secondary(results, pre)
     v1 = claims.load_metrics(v1_metrics) if p.name == pre.get("profile") and v1_metrics.exists() else None
+    curve_head = ("C1 across the k grid, on its own curve tests at every k (never decisive; the verdict above reads "
+                  "C1's registered tests)" if "curve_tests" in pre["claims"]["C1"] else
+                  "C1 across the k grid (the primary k decides, Bonferroni over its tests; the other k have fewer "
+                  "seeds and are never decisive)")
     md = "\n".join(part for part in (
-        ledger.render(results, pre) + note, conv, length_md, secondary,
-        "C1 across the k grid (the primary k decides, Bonferroni over its tests; the other k have fewer seeds and are "
-        "never decisive). MDE: the smallest true gain the rule would call \"replicated\" with 80% power at that k's "
+        ledger.render(results, pre) + note, superseded_note(p, rows), conv, length_md, secondary,
+        curve_head + ". MDE: the smallest true gain the rule would call \"replicated\" with 80% power at that k's "
         "seed count and measured SD.\n", ledger.render_curve(results, pre),
         QUALITY_NOTE + "\n", ledger.render_quality(rows, v1)) if part)
     record = {"prereg_version": pre["version"],
@@ -122,12 +138,13 @@ def write_ledger(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledger
 def run(p: Profile, lm=None, progress: bool = True) -> str:
     """Make sure every SAE is evaluated, steered and probed, write metrics.jsonl, then the verdicts; returns the
     claims table (Markdown)."""
-    from . import evaluate, load_lm, probe, steer
+    from . import evaluate, full_test, load_lm, probe, steer
     from .train import all_specs
 
     lm = lm or load_lm(p, progress)
     specs = all_specs(p, lm)
     evaluate.evaluate_specs(p, lm, specs, "test", progress)
+    full_test.run_full_test(p, lm, specs, progress)
     steer.run_steering(p, lm, specs, progress)
     probe.run_probing(p, lm, specs, progress)
     path = metrics.write_metrics(p, lm, specs)

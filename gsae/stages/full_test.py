@@ -1,0 +1,79 @@
+"""Stage ``full_test``: C1's co-primary metrics on every context of the test split (PREREG v4).
+
+The ``evaluate`` stage splices every SAE into the LM on the test split's first ``eval.lm_contexts`` contexts (50 of
+the default profile's 400). Study v3 found that at that size a seed's paired ΔCE gain is mostly evaluation noise
+(``notes/eval_noise_check.txt``), so v4 scores the SAEs C1 decides on -- every group's SAEs at
+``experiment.primary_k`` -- on all harvested test contexts, plain-encode only (no gradient, so no label at
+inference). The splice rule, the massive-activation rule and the ablation baselines are ``evaluate``'s, on these
+tokens. Per SAE it writes ``fulltest_test-<key>.json`` with ``delta_ce_all``, ``kl_all``, ``ce_loss_score_all``,
+``ce_clean_all`` and ``n_lm_tokens_all``; ``gsae.metrics`` picks them up like any other stage's metrics.
+
+The stage is separate from ``evaluate`` so that its cached files (keyed by ``evaluate``'s code and settings) stay
+valid: adding it recomputes nothing that was already measured."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .. import evals, io
+from .. import lm as lm_passes
+from ..config import Profile
+from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
+from . import evaluate
+from .contexts import contexts
+from .harvest import reader
+
+SUFFIX = "_all"
+"""Appended to each metric name, so that the full-test numbers never mix with ``evaluate``'s subset numbers."""
+
+
+def full_test_file(p: Profile) -> str:
+    """Per-SAE result file name, keyed by the eval settings and by this stage's, ``evals``' and ``lm``'s code."""
+    return stage_file(p, "fulltest", "test", source_version(evals, lm_passes, sys.modules[__name__]))
+
+
+def c1_specs(p: Profile, specs: list[SAESpec]) -> list[SAESpec]:
+    """The SAEs C1 decides on: those at ``experiment.primary_k`` in every group (the primary seeds, the length check
+    and the robustness reruns); none when the profile sets no primary k or ``eval.full_test`` is off."""
+    if not p.eval.full_test or not p.experiment.primary_k:
+        return []
+    return [s for s in specs if s.k in p.experiment.primary_k]
+
+
+def run_full_test(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Score each of ``c1_specs(p, specs)`` on every test context (cached per SAE); returns {name: file contents}."""
+    mh = lm.info["model_hash"]
+    chosen, name = c1_specs(p, specs), full_test_file(p)
+    todo = [s for s in chosen if not (sae_dir(p, s, mh) / name).exists()]
+    if todo:
+        model, hook = lm.model, p.model.hook_name
+        rd = reader(p, "test", mh)
+        tokens = contexts(p, lm.tokenizer, mh)["test"].tokens[:rd.manifest["n_contexts"]]
+        train = evaluate.train_statistics(p, mh)
+        base = evals.ablation_baselines(model, tokens, hook, mean_act=train.mean, exclude_pos0=p.harvest.exclude_pos0,
+                                        batch_contexts=p.eval.batch_contexts, progress=progress)
+        cap = evaluate.MASSIVE_NORM_FACTOR * train.median_norm if p.eval.massive == "clean" else None
+        device = next(model.parameters()).device
+        saes = {s.name: load_trained(p, s, mh, device) for s in todo}
+        res = evals.evaluate_saes(model, saes, tokens, hook, baselines=base, encode_modes=("plain",),
+                                  batch_contexts=p.eval.batch_contexts, clean_above=cap, progress=progress)
+        for s in todo:
+            r = res[s.name]["plain"]
+            numbers = {"delta_ce": r.delta_ce, "kl": r.kl, "ce_loss_score": r.recovered_zero, "ce_clean": r.ce_clean,
+                       "n_lm_tokens": r.n_tokens}
+            section = {f"{k}{SUFFIX}": v for k, v in numbers.items()}
+            # An arm whose code ignores the gradient encodes the same under every encoder (as in ``evaluate``).
+            modes = ("plain",) if s.arm_impl.has_gradient_encoder else evals.ALL_ENCODE_MODES
+            io.write_json(sae_dir(p, s, mh) / name, {"metrics": {m: section for m in modes},
+                                                     "n_contexts": int(tokens.shape[0])})
+    return {s.name: io.read_json(sae_dir(p, s, mh) / name) for s in chosen}
+
+
+def run(p: Profile, lm=None, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Score C1's SAEs on every test context."""
+    from . import load_lm
+    from .train import all_specs
+
+    lm = lm or load_lm(p, progress)
+    return run_full_test(p, lm, all_specs(p, lm), progress)
