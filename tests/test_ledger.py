@@ -134,6 +134,29 @@ def test_curve_table_gives_each_k_its_minimum_detectable_effect():
     assert f"{100 * mde8:.1f}%" in line8 and "| 32 (primary) | 10 |" in table
 
 
+def test_curve_tests_replace_the_tests_on_the_curve_at_every_k():
+    """PREREG v4: C1's verdict reads its registered tests (here metrics on all contexts, "_all"), the curve reads
+    ``curve_tests`` at every k including the primary one, and a secondary test takes its rule from either."""
+    tests = [{**t, "metric": t["metric"] + "_all"} for t in PREREG["claims"]["C1"]["tests"]]
+    c1_pre = {**PREREG["claims"]["C1"], "tests": tests, "curve_tests": PREREG["claims"]["C1"]["tests"],
+              "secondary": [{"metric": "delta_ce", "encode_mode": "g"}]}
+    pre = {**PREREG, "version": 4, "claims": {"C1": c1_pre}}
+    # On all contexts no gain, tightly; on the subset the curve reads, a clear 20 % gain at every k.
+    rows = (rows_for({"delta_ce": 0.2, "kl": 0.2}, 32, range(10), base={"delta_ce": 0.3, "kl": 0.5})
+            + rows_for({"delta_ce": 0.2, "kl": 0.2}, 8, range(3), base={"delta_ce": 0.3, "kl": 0.5}))
+    full = rows_for({}, 32, range(10), sd=0.005, base={"delta_ce_all": 0.3, "kl_all": 0.5}, seed=7)
+    for r, f in zip([r for r in rows if r["k"] == 32], full, strict=True):
+        r["metrics"] = {**r["metrics"], **f["metrics"]}
+    c1 = ledger.evaluate(pre, rows)[0]
+    assert c1.verdict == "not replicated" and [r.test for r in c1.primary] == ["delta_ce_all (plain)", "kl_all (plain)"]
+    assert sorted({(r.k, r.test) for r in c1.curve}) == [(k, t) for k in (8, 32) for t in ("delta_ce (plain)",
+                                                                                            "kl (plain)")]
+    assert all(r.verdict == "replicated" for r in c1.curve if r.k == 32)  # the subset's gain, 10 seeds
+    assert c1.secondary[0].test == "delta_ce (g)" and c1.secondary[0].verdict == "replicated"
+    table = ledger.render_curve([c1], pre)
+    assert "| 32 (primary) | 10 |" in table and "delta_ce (plain): gain" in table and "_all" not in table
+
+
 def test_quality_table_by_hand_and_v1_names():
     rows = [{"variant": "primary", "arm": arm, "k": 32, "seed": s, "encode_mode": "plain",
              "metrics": {"ce_loss_score": cs, "explained_variance": 0.8, "kl_div": 0.1, "l0": 32.0}}

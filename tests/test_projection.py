@@ -39,6 +39,8 @@ def test_paper_work_counted_by_hand():
     steer_rows = 1000 * 3 * 64
     assert stages["steer"].seconds == pytest.approx(32 * steer_rows * 128 * 2e-6)  # k = 32 only: 16 + 16 SAEs
     assert stages["probe"].seconds == pytest.approx(2 * 56 * 2_000_880 * 1e-7)
+    # PREREG v4: the same 32 SAEs at k = 32 spliced on all 15,880 test contexts after one clean pass per context.
+    assert stages["full_test"].seconds == pytest.approx(15_880 * 128 * (1e-6 + 32 * 2e-6))
     table = projection.format_projection(p, COSTS, list(stages.values()))
     assert any(line.startswith("train") and "76 SAEs in all" in line for line in table)
     # On 8 GPUs the harvest splits 50 ways, a selection round 8 ways and the grid 8 ways (one seed each).

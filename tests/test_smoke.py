@@ -59,13 +59,14 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
     ledger = json.loads((RESULTS / "ledger.json").read_text())
     assert {c["claim"] for c in ledger["claims"]} == {"C1", "C2", "C3", "C4"}
     lengths = ledger["length_check"]  # PREREG v3 §2 on the smoke profile's length_2 group, every primary seed
-    assert [c["test"] for c in lengths] == ["delta_ce (plain)", "kl (plain)"]
+    assert [c["test"] for c in lengths] == ["delta_ce_all (plain)", "kl_all (plain)"]  # v4: on every test context
     assert all(c["n"] == len(exp.seeds) and c["outcome"] != "not tested" for c in lengths), lengths
     assert all(c["robustness"].keys() == {"threads_1", "length_2"} for c in ledger["claims"])
     prov = json.loads((RESULTS / "provenance.json").read_text())
     assert prov["git"]["commit"] and prov["data"]["split_hash"] and prov["packages"]["torch"].startswith("2.13")
     for fig in ("lm_ce_by_position.png", "selection.png", "convergence.png", "claims.png", "fidelity_delta_ce_kl.png",
-                "paired_delta_ce_kl.png", "length_check.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
+                "paired_delta_ce_kl.png", "paired_c1_all_contexts.png",
+                "length_check.png", "fvu_dead.png", "steering_kl.png", "probing.png"):
         assert (RESULTS / "figures" / fig).stat().st_size > 1000, fig
     k, seed = exp.primary_k[0], exp.seeds[0]
     for arm in ("topk", "gsae"):  # notebook 05: a dashboard page and a released SAE per arm
@@ -81,6 +82,53 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
     assert set(base["random_init"]) == {str(k) for k in exp.k_grid}
     registry = (RESULTS / "runs.jsonl").read_text().splitlines()
     assert any('"train_done"' in line for line in registry)
+
+
+@pytest.mark.slow
+def test_full_test_scores_every_test_context_like_a_hand_written_splice(smoke_run):
+    """PREREG v4: delta_ce_all / kl_all of a primary-k SAE equal a splice written here with a TransformerLens hook
+    on a full forward, over every harvested test context (position 0 and massive positions clean, the last position
+    unscored), in float64."""
+    import torch
+
+    from gsae import stages
+    from gsae.specs import load_trained
+    from gsae.stages import evaluate, full_test
+    from gsae.stages.contexts import contexts
+    from gsae.stages.harvest import reader
+    from gsae.stages.train import all_specs
+
+    p = load_profile("smoke")
+    lm = stages.load_lm(p, progress=False)
+    mh = lm.info["model_hash"]
+    chosen = full_test.c1_specs(p, all_specs(p, lm))
+    assert {s.group for s in chosen} == {"primary", "threads_1", "length_2"}
+    assert {s.k for s in chosen} == set(p.experiment.primary_k)
+    spec = next(s for s in chosen if s.arm == "gsae" and s.group == "primary")
+    stored = full_test.run_full_test(p, lm, [spec])[spec.name]["metrics"]["plain"]  # the run's cached file
+    n_ctx = reader(p, "test", mh).manifest["n_contexts"]
+    assert n_ctx > p.eval.lm_contexts  # else this would check nothing the evaluate stage does not
+    tokens = contexts(p, lm.tokenizer, mh)["test"].tokens[:n_ctx]
+    sae = load_trained(p, spec, mh)
+    cap = evaluate.MASSIVE_NORM_FACTOR * evaluate.train_statistics(p, mh).median_norm
+
+    def splice(act, hook):
+        x = act[:, 1:]
+        enc = sae.encode(x)  # plain-encode: no gradient
+        x_hat = sae.decode(enc.top_acts, enc.top_indices)
+        return torch.cat([act[:, :1], torch.where(x.norm(dim=-1, keepdim=True) > cap, x, x_hat)], dim=1)
+
+    with torch.no_grad():
+        clean = lm.model(tokens, return_type="logits", padding_side="right")
+        spliced = lm.model.run_with_hooks(tokens, return_type="logits", padding_side="right",
+                                          fwd_hooks=[(p.model.hook_name, splice)])
+    lp_clean, lp_spliced = (t[:, 1:-1].double().log_softmax(-1) for t in (clean, spliced))
+    target = tokens[:, 2:, None]
+    delta_ce = (lp_clean.gather(-1, target) - lp_spliced.gather(-1, target)).mean()
+    kl = (lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1).mean()
+    assert stored["n_lm_tokens_all"] == n_ctx * (tokens.shape[1] - 2)
+    assert stored["delta_ce_all"] == pytest.approx(float(delta_ce), abs=2e-5)
+    assert stored["kl_all"] == pytest.approx(float(kl), abs=2e-5)
 
 
 @pytest.mark.slow
