@@ -157,6 +157,25 @@ def test_curve_tests_replace_the_tests_on_the_curve_at_every_k():
     assert "| 32 (primary) | 10 |" in table and "delta_ce (plain): gain" in table and "_all" not in table
 
 
+def test_the_superseded_version_is_read_on_the_same_rows_for_the_registered_profile_only(tmp_path):
+    """PREREG v4 §3: the claims stage shows C1 as the superseded pre-registration reads the same rows."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from gsae.stages.claims import superseded_note
+
+    path = tmp_path / "prereg_old.yaml"
+    path.write_text(yaml.safe_dump({**PREREG, "version": 3, "profile": "default"}))
+    rows = rows_for({"delta_ce": 0.15, "kl": 0.15}, 32, range(10))
+    note = superseded_note(SimpleNamespace(name="default"), rows, path)
+    c1 = ledger.evaluate(PREREG, rows)[0]
+    assert note.startswith("Under the superseded version 3 (prereg_old.yaml") and "C1 **replicated**" in note
+    assert f"delta_ce (plain) {ledger.pct(c1.primary[0].estimate)}" in note and "n = 10" in note
+    assert superseded_note(SimpleNamespace(name="smoke"), rows, path) == ""
+    assert superseded_note(SimpleNamespace(name="default"), rows, tmp_path / "absent.yaml") == ""
+
+
 def test_quality_table_by_hand_and_v1_names():
     rows = [{"variant": "primary", "arm": arm, "k": 32, "seed": s, "encode_mode": "plain",
              "metrics": {"ce_loss_score": cs, "explained_variance": 0.8, "kl_div": 0.1, "l0": 32.0}}

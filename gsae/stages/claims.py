@@ -110,8 +110,9 @@ def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledge
                   "C1's registered tests)" if "curve_tests" in pre["claims"]["C1"] else
                   "C1 across the k grid (the primary k decides, Bonferroni over its tests; the other k have fewer "
                   "seeds and are never decisive)")
+    superseded = superseded_note(p, rows)
     md = "\n".join(part for part in (
-        ledger.render(results, pre) + note, superseded_note(p, rows), conv, length_md, secondary,
+        ledger.render(results, pre) + note, superseded, conv, length_md, secondary,
         curve_head + ". MDE: the smallest true gain the rule would call \"replicated\" with 80% power at that k's "
         "seed count and measured SD.\n", ledger.render_curve(results, pre),
         QUALITY_NOTE + "\n", ledger.render_quality(rows, v1)) if part)
@@ -120,7 +121,8 @@ def ledger_report(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledge
                                         for key in ("primary", "curve", "secondary")} for c in results],
               "length_check": [c._asdict() for c in lengths]}
     bottom_note = ledger.length_check_sentence(lengths, pre) if lengths else conv
-    return LedgerReport(md, record, ledger.render_bottom_line(results, pre, half, bottom_note))
+    bottom = ledger.render_bottom_line(results, pre, half, bottom_note) + (f"- {superseded}" if superseded else "")
+    return LedgerReport(md, record, bottom)
 
 
 def write_ledger(p: Profile, rows: list[dict], prereg_path: Path = ROOT / ledger.CURRENT) -> str:
