@@ -260,13 +260,16 @@ def plot_claims(ledger_record: dict[str, Any], prereg: dict[str, Any]) -> plt.Fi
     """One panel per registered test (``results/<profile>/ledger.json`` and prereg v2): per k, the paired effect of
     the g-SAE against TopK with the interval the verdict used (Bonferroni-adjusted at the primary k), coloured by
     its verdict, the primary k drawn larger. A relative test is in % of TopK's mean (positive = g-SAE better) with
-    its minimum effect shaded; an equivalence test is in the metric's units with its margin drawn."""
+    its minimum effect shaded; an equivalence test is in the metric's units with its margin drawn. A claim's
+    ``curve_tests`` (PREREG v4) get panels of their own, marked as never decisive."""
     sns.set_theme(style="whitegrid", context="notebook")
-    panels = [(c, t) for c in ledger_record["claims"] for t in prereg["claims"][c["claim"]]["tests"]]
+    panels = [(c, t, curve) for c in ledger_record["claims"] for curve in (False, True)
+              for t in prereg["claims"][c["claim"]].get("curve_tests" if curve else "tests", [])]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.7), squeeze=False)
-    for ax, (c, test) in zip(axes[0], panels, strict=True):
+    for ax, (c, test, curve_only) in zip(axes[0], panels, strict=True):
         name = f"{test['metric']} ({test['encode_mode']})"
-        res = sorted((r for r in c["primary"] + c["curve"] if r["test"] == name and r["verdict"] != "not tested"),
+        res = sorted((r for r in (c["curve"] if curve_only else c["primary"] + c["curve"])
+                      if r["test"] == name and r["verdict"] != "not tested"),
                      key=lambda r: r["k"])  # a k without paired SAEs for this test (e.g. C3 off k = 32) is left out
         relative = test["rule"] == "relative"
         scale = 100.0 if relative else 1.0
@@ -290,11 +293,11 @@ def plot_claims(ledger_record: dict[str, Any], prereg: dict[str, Any]) -> plt.Fi
         ks = sorted({r["k"] for r in res})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks)
-        ax.set_xticklabels([f"{k}*" if k in prereg["primary_k"] else str(k) for k in ks])
-        ax.set_xlabel("k (* = primary, decides)")
+        ax.set_xticklabels([f"{k}*" if k in prereg["primary_k"] and not curve_only else str(k) for k in ks])
+        ax.set_xlabel("k (curve: never decides)" if curve_only else "k (* = primary, decides)")
         ax.set_ylabel("gain over TopK (% of TopK's mean)" if relative
                       else f"g-SAE − TopK ({UNITS.get(test['metric'], 'metric units')})")
-        ax.set_title(f"{c['claim']}: {name}\n{c['verdict']}", fontsize=10)
+        ax.set_title(f"{c['claim']}: {name}\n" + ("curve only" if curve_only else c["verdict"]), fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -195,3 +195,28 @@ def test_length_check_plots_each_seed_at_both_lengths_in_percent_with_the_interv
     assert np.allclose(sorted(pts[:, 0]), sorted(want_x))
     assert f"{100 * checks[0].estimate:+.1f}" in ax.get_title() and checks[0].outcome in ax.get_title()
     assert len(fig.axes) == 2
+
+
+def test_claims_figure_gives_curve_tests_panels_of_their_own():
+    """PREREG v4: C1's decisive tests (on every test context) at the primary k in one panel each, its curve tests
+    (first contexts, every k) in panels marked as never deciding."""
+    rel = {"encode_mode": "plain", "rule": "relative", "min_rel_effect": 0.05}
+    pre = {"primary_k": [32], "claims": {"C1": {"tests": [{"metric": "delta_ce_all", **rel}],
+                                                "curve_tests": [{"metric": "delta_ce", **rel}]}}}
+
+    def res(test, k, verdict, est):
+        return {"test": test, "k": k, "verdict": verdict, "estimate": est, "lower": est - 0.02, "upper": est + 0.02}
+
+    record = {"claims": [{"claim": "C1", "verdict": "not replicated",
+                          "primary": [res("delta_ce_all (plain)", 32, "not replicated", 0.01)],
+                          "curve": [res("delta_ce (plain)", 8, "underpowered", 0.03),
+                                    res("delta_ce (plain)", 32, "underpowered", 0.02)]}]}
+    decisive, curve = gf.plot_claims(record, pre).axes
+
+    def points(ax):
+        return {round(float(line.get_xdata()[0])): float(line.get_ydata()[0]) for line in ax.lines
+                if len(line.get_xdata()) == 1 and line.get_marker() == "o" and line.get_label().startswith("_")}
+
+    assert points(decisive) == pytest.approx({32: 1.0}) and points(curve) == pytest.approx({8: 3.0, 32: 2.0})
+    assert "not replicated" in decisive.get_title() and "curve only" in curve.get_title()
+    assert [t.get_text() for t in curve.get_xticklabels()] == ["8", "32"]  # no star: the curve never decides
