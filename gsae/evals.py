@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .data import data_hash
-from .lm import clean_pass, kl_per_token, patched_logits, per_token_ce, spliced_logits
+from .lm import ce_and_kl, clean_pass, patched_logits, per_token_ce, spliced_logits
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 ENCODE_MODES = ("g", "plain")
@@ -301,8 +301,7 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
             if clean_above is not None:
                 spliced = torch.where(clean.x.norm(dim=-1, keepdim=True) > clean_above, clean.x, x_hat)
             logits = spliced_logits(model, tok, hook_name, first, clean.x, spliced)
-            ce = per_token_ce(logits, tok, first)
-            kl = kl_per_token(clean.logp, logits[:, first:T - 1])
+            ce, kl = ce_and_kl(logits, tok, first, clean.logp)
             a = acc[name, mode]
             a.ce += ce.double().sum().item()
             a.kl += kl.double().sum().item()

@@ -47,6 +47,16 @@ def per_token_ce(logits: Tensor, tokens: Tensor, first: int) -> Tensor:
     return -logp.gather(-1, tokens[:, first + 1:, None]).squeeze(-1)
 
 
+def ce_and_kl(logits: Tensor, tokens: Tensor, first: int, logp_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """``per_token_ce(logits, tokens, first)`` and ``kl_per_token(logp_ref, logits[:, first:T-1])`` from one
+    log-softmax of the scored logits (the same operations on the same inputs, so the same bits, at half the passes
+    over a [B, T, vocab] tensor)."""
+    T = tokens.shape[1]
+    logp = F.log_softmax(at_least_f32(logits[:, first:T - 1]), dim=-1)
+    ce = -logp.gather(-1, tokens[:, first + 1:, None]).squeeze(-1)
+    return ce, F.kl_div(logp, logp_ref, log_target=True, reduction="none").sum(-1)
+
+
 # ---------------------------------------------------------------------------------------- gradient capture (harvest)
 class Capture(NamedTuple):
     x: Tensor

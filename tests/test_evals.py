@@ -258,6 +258,8 @@ def test_clean_pass_gradient_matches_finite_differences_and_the_harvest():
 
 # ------------------------------------------------------------------------------------------ hand computations
 def test_kl_by_hand():
+    from gsae.lm import kl_per_token
+
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 4, 7, generator=gen), torch.randn(3, 4, 7, generator=gen) * 2
     p = np.exp(a.double().numpy())
@@ -265,9 +267,9 @@ def test_kl_by_hand():
     q = np.exp(b.double().numpy())
     q /= q.sum(-1, keepdims=True)
     ref = (p * (np.log(p) - np.log(q))).sum(-1)
-    ours = E.kl_per_token(torch.log_softmax(a, -1), b)
+    ours = kl_per_token(torch.log_softmax(a, -1), b)
     np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-5, atol=1e-7)
-    assert E.kl_per_token(torch.log_softmax(a, -1), a).abs().max() < 1e-6
+    assert kl_per_token(torch.log_softmax(a, -1), a).abs().max() < 1e-6
 
 
 def test_reconstruction_stats_by_hand_over_uneven_batches():
@@ -361,3 +363,16 @@ def test_clean_above_keeps_massive_positions_clean_in_the_splice(lm, baselines):
     plain = E.evaluate_saes(lm.model, {"s": sae}, lm.tokens, HOOK, baselines=baselines, encode_modes=("plain",),
                             progress=False)["s"]["plain"]
     assert none.delta_ce == plain.delta_ce and none.fvu == plain.fvu
+
+
+def test_ce_and_kl_from_one_log_softmax_are_the_separate_functions_bit_for_bit():
+    """The splice evaluation's shared log-softmax (``lm.ce_and_kl``) must not move a single number."""
+    from gsae.lm import ce_and_kl, kl_per_token, per_token_ce
+
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(3, 9, 50, generator=gen)
+    tokens = torch.randint(0, 50, (3, 9), generator=gen)
+    logp_ref = torch.log_softmax(3 * torch.randn(3, 7, 50, generator=gen), dim=-1)
+    ce, kl = ce_and_kl(logits, tokens, 1, logp_ref)
+    assert torch.equal(ce, per_token_ce(logits, tokens, 1))
+    assert torch.equal(kl, kl_per_token(logp_ref, logits[:, 1:8]))

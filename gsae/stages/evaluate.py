@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import evals, io
+from .. import lm as lm_passes
 from ..config import Profile
 from ..runtime import module_device, to_device
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
@@ -28,8 +29,8 @@ factor from ~2 to ~10 selects the same tokens; the threshold is SAE-independent 
 
 
 def code_version() -> str:
-    """Keys the cached per-SAE evaluation files to the code that computes them."""
-    return source_version(evals, sys.modules[__name__])
+    """Keys the cached per-SAE evaluation files to the code that computes them (``lm`` runs every LM pass)."""
+    return source_version(evals, lm_passes, sys.modules[__name__])
 
 
 def eval_file(p: Profile, split: str, kind: str = "eval") -> str:

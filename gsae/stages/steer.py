@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import io, steering
+from .. import lm as lm_passes
 from ..config import Profile
 from ..paths import run_dir
 from ..runtime import module_device
@@ -17,8 +18,13 @@ from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
 from .evaluate import eval_tokens, firing_counts
 
 
+def code_version() -> str:
+    """Keys the cached steering files to the code that computes them (``lm`` runs the steered forwards)."""
+    return source_version(steering, lm_passes, sys.modules[__name__])
+
+
 def steer_file(p: Profile) -> str:
-    return stage_file(p, "steer", code=source_version(steering, sys.modules[__name__]))
+    return stage_file(p, "steer", code=code_version())
 
 
 def summarise(alphas_rel: list[float], kl: list[list[float]], gain: list[list[float]]) -> dict[str, float]:
@@ -47,7 +53,7 @@ def random_directions(n: int, d: int, seed: int = 12345) -> torch.Tensor:
 def control(p: Profile, lm) -> dict[str, Any]:
     """C3's control: the same protocol along ``steering.n_latents`` random unit directions (same contexts, alphas
     and norm), computed once per profile (it does not depend on any SAE) and cached under runs/<profile>."""
-    path = run_dir(p) / stage_file(p, "steer", "control", code=source_version(steering, sys.modules[__name__]))
+    path = run_dir(p) / stage_file(p, "steer", "control", code=code_version())
     if not path.exists():
         ctx, x_norm, alphas_rel = _steering_inputs(p, lm)
         dirs = random_directions(p.steering.n_latents, lm.model.cfg.d_model)
