@@ -13,14 +13,14 @@ from gsae import evals
 from gsae.config import load_profile
 from gsae.specs import load_trained
 from gsae.stages import load_lm
-from gsae.stages.evaluate import _eval_context
+from gsae.stages.evaluate import eval_context
 from gsae.stages.train import all_specs
 
 p = load_profile("default")
 lm = load_lm(p, progress=False)
 mh = lm.info["model_hash"]
 specs = [s for s in all_specs(p, lm) if s.group == "primary" and s.k == 32]
-tokens, base, _, cap = _eval_context(p, lm, "test")
+tokens, base, _, cap = eval_context(p, lm, "test")
 saes = {s.name: load_trained(p, s, mh) for s in specs}
 res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base, encode_modes=("plain",),
                           batch_contexts=p.eval.batch_contexts, progress=False, per_token=True,

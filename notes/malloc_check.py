@@ -23,13 +23,13 @@ def child() -> None:
     from gsae.config import load_profile
     from gsae.specs import load_trained
     from gsae.stages import load_lm
-    from gsae.stages.evaluate import _eval_context
+    from gsae.stages.evaluate import eval_context
     from gsae.stages.train import all_specs
 
     p = load_profile("default")
     lm = load_lm(p, progress=False)
     spec = next(s for s in all_specs(p, lm) if s.group == "primary" and s.k == 32 and s.arm == "gsae")
-    tokens, base, _, cap = _eval_context(p, lm, "test")
+    tokens, base, _, cap = eval_context(p, lm, "test")
     tokens = tokens[:N_CTX]
     base = evals.ablation_baselines(lm.model, tokens, p.model.hook_name, exclude_pos0=True, batch_contexts=N_CTX,
                                     progress=False)

@@ -81,9 +81,9 @@ def prereg_for(p: Profile, prereg_path: Path = ROOT / ledger.CURRENT) -> dict[st
 def superseded_note(p: Profile, rows: list[dict], path: Path = ROOT / ledger.SUPERSEDED) -> str:
     """For the registered profile: C1 as the superseded pre-registration reads the same rows (PREREG v4 §3 shows
     both verdicts), or "" for any other profile."""
-    if not path.exists() or p.name != ledger.load_prereg(path).get("profile"):
+    old = ledger.load_prereg(path) if path.exists() else {}
+    if p.name != old.get("profile"):
         return ""
-    old = ledger.load_prereg(path)
     c1 = next(c for c in ledger.evaluate(old, rows) if c.claim == "C1")
     tests = "; ".join(f"{r.test} {ledger.pct(r.estimate)} [{ledger.pct(r.lower)}, {ledger.pct(r.upper)}]"
                       for r in c1.primary)

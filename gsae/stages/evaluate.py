@@ -37,25 +37,26 @@ def eval_file(p: Profile, split: str, kind: str = "eval") -> str:
     return stage_file(p, kind, split, code_version())
 
 
-def eval_tokens(p: Profile, lm, split: str):
-    """Tokens for the LM-based metrics (the first ``eval.lm_contexts`` harvested contexts of the split) and the
-    split's harvest reader (for the activation-based metrics)."""
+def eval_tokens(p: Profile, lm, split: str, every_context: bool = False):
+    """Tokens for the LM-based metrics (the first ``eval.lm_contexts`` harvested contexts of the split, or all of
+    them with ``every_context``) and the split's harvest reader (for the activation-based metrics)."""
     mh = lm.info["model_hash"]
     ctx = contexts(p, lm.tokenizer, mh)[split]
     rd = reader(p, split, mh)
-    return ctx.tokens[:min(rd.manifest["n_contexts"], p.eval.lm_contexts)], rd
+    n = rd.manifest["n_contexts"]
+    return ctx.tokens[:n if every_context else min(n, p.eval.lm_contexts)], rd
 
 
-def _eval_context(p: Profile, lm, split: str):
+def eval_context(p: Profile, lm, split: str, every_context: bool = False, progress: bool = False):
     """``eval_tokens`` plus what the splice evaluation alone needs from the train split: the ablation baselines
     on those tokens (mean ablation uses the train mean) and the massive-activation norm cap. The train split is
     streamed when it is large (``ActivationReader.statistics``), never loaded whole."""
     mh = lm.info["model_hash"]
-    tokens, rd = eval_tokens(p, lm, split)
+    tokens, rd = eval_tokens(p, lm, split, every_context)
     train = train_statistics(p, mh)
     base = evals.ablation_baselines(lm.model, tokens, p.model.hook_name, mean_act=train.mean,
                                     exclude_pos0=p.harvest.exclude_pos0, batch_contexts=p.eval.batch_contexts,
-                                    progress=False)
+                                    progress=progress)
     return tokens, base, rd, MASSIVE_NORM_FACTOR * train.median_norm
 
 
@@ -164,7 +165,7 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
     todo = [s for s in specs if not (sae_dir(p, s, mh) / name).exists()]
     if todo:
         device = module_device(lm.model)
-        tokens, base, rd, cap = _eval_context(p, lm, split)
+        tokens, base, rd, cap = eval_context(p, lm, split)
         saes = {s.name: load_trained(p, s, mh, device) for s in todo}
         modes = evals.ENCODE_MODES + (("g_free",) if split in p.harvest.label_free_splits else ())
 

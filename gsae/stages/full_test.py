@@ -19,10 +19,9 @@ from typing import Any
 from .. import evals, io
 from .. import lm as lm_passes
 from ..config import Profile
+from ..runtime import module_device
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
 from . import evaluate
-from .contexts import contexts
-from .harvest import reader
 
 SUFFIX = "_all"
 """Appended to each metric name, so that the full-test numbers never mix with ``evaluate``'s subset numbers."""
@@ -47,17 +46,11 @@ def run_full_test(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -
     chosen, name = c1_specs(p, specs), full_test_file(p)
     todo = [s for s in chosen if not (sae_dir(p, s, mh) / name).exists()]
     if todo:
-        model, hook = lm.model, p.model.hook_name
-        rd = reader(p, "test", mh)
-        tokens = contexts(p, lm.tokenizer, mh)["test"].tokens[:rd.manifest["n_contexts"]]
-        train = evaluate.train_statistics(p, mh)
-        base = evals.ablation_baselines(model, tokens, hook, mean_act=train.mean, exclude_pos0=p.harvest.exclude_pos0,
-                                        batch_contexts=p.eval.batch_contexts, progress=progress)
-        cap = evaluate.MASSIVE_NORM_FACTOR * train.median_norm if p.eval.massive == "clean" else None
-        device = next(model.parameters()).device
-        saes = {s.name: load_trained(p, s, mh, device) for s in todo}
-        res = evals.evaluate_saes(model, saes, tokens, hook, baselines=base, encode_modes=("plain",),
-                                  batch_contexts=p.eval.batch_contexts, clean_above=cap, progress=progress)
+        tokens, base, _, cap = evaluate.eval_context(p, lm, "test", every_context=True, progress=progress)
+        saes = {s.name: load_trained(p, s, mh, module_device(lm.model)) for s in todo}
+        res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base, encode_modes=("plain",),
+                                  batch_contexts=p.eval.batch_contexts, progress=progress,
+                                  clean_above=cap if p.eval.massive == "clean" else None)
         for s in todo:
             r = res[s.name]["plain"]
             numbers = {"delta_ce": r.delta_ce, "kl": r.kl, "ce_loss_score": r.recovered_zero, "ce_clean": r.ce_clean,
