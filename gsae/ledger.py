@@ -440,7 +440,9 @@ def render_quality(rows: list[dict[str, Any]], v1_rows: list[dict[str, Any]] | N
     return "\n".join(lines) + "\n"
 
 
-def _effect(r: TestResult, equivalence: bool) -> str:
+def effect_text(r: TestResult, equivalence: bool = False) -> str:
+    """A test's effect as "estimate [lower, upper]" (percent for relative tests, raw for equivalence), or its
+    verdict when there is no estimate."""
     if math.isnan(r.estimate):
         return r.verdict
     if equivalence:
@@ -462,7 +464,7 @@ def render_bottom_line(results: list[ClaimResult], prereg: dict[str, Any], c1_ha
             eq = t["rule"] == "equivalence"
             need = (f"comparable if above −{t['margin']:g}" if eq
                     else f"needs ≥ {100 * float(t['min_rel_effect']):g}% gain")
-            parts.append(f"{r.test} {_effect(r, eq)} ({need})")
+            parts.append(f"{r.test} {effect_text(r, eq)} ({need})")
         n = max((r.n for r in c.primary), default=0)
         lines.append(f"- **{c.claim}** {c.title}: **{c.verdict}** — " + "; ".join(parts) + f"; k = "
                      f"{', '.join(str(k) for k in prereg['primary_k'])}, {n} paired seeds.")

@@ -85,8 +85,7 @@ def superseded_note(p: Profile, rows: list[dict], path: Path = ROOT / ledger.SUP
     if p.name != old.get("profile"):
         return ""
     c1 = next(c for c in ledger.evaluate(old, rows) if c.claim == "C1")
-    tests = "; ".join(f"{r.test} {ledger.pct(r.estimate)} [{ledger.pct(r.lower)}, {ledger.pct(r.upper)}]"
-                      for r in c1.primary)
+    tests = "; ".join(f"{r.test} {ledger.effect_text(r)}" for r in c1.primary)
     return (f"Under the superseded version {old['version']} ({path.name}, the same SAEs): C1 **{c1.verdict}** — "
             f"{tests}, n = {max(r.n for r in c1.primary)}.\n")
 
