@@ -4,6 +4,7 @@ Per SAE it writes ``eval_<split>-<key>.json`` (``{"metrics": {mode: {...}}}``) a
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from .. import evals, io
 from .. import lm as lm_passes
 from ..config import Profile
+from ..progress import bar
 from ..runtime import module_device, to_device
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
 from .contexts import contexts
@@ -139,17 +141,30 @@ def standard_names(lm_part: dict[str, Any], act: dict[str, Any]) -> dict[str, fl
     return out
 
 
-def dead_fraction_over(sae, rd, mode: str, batch: int = 8192) -> float:
-    """Fraction of latents that never fire on every row of a harvested split (``rd``), under encoder ``mode``:
-    C2's window in v2 (the whole training split, far larger than the test split)."""
-    device = module_device(sae)
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
+def dead_fractions_over(encoders: dict[str, tuple[Any, str]], rd, batch: int = 8192, progress: bool = False
+                        ) -> dict[str, float]:
+    """For each ``{name: (sae, encoder mode)}``, the fraction of latents that never fire on any row of a harvested
+    split (``rd``): C2's window in v2 (the whole training split, far larger than the test split).
+
+    The split is streamed once per gradient kind and every batch is encoded by every SAE that reads it: the same
+    batches in the same order as a pass per SAE, so the same numbers, for one read of the split instead of one per
+    SAE."""
+    def kind(mode: str) -> str:
+        return "g_free" if mode == "g_free" else "g"
+
+    fired = {name: torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=module_device(sae))
+             for name, (sae, _) in encoders.items()}
     with torch.no_grad():
-        for x, g in rd.batches(batch, seed=0, epochs=1, device=device,
-                               gradient="g_free" if mode == "g_free" else "g"):
-            enc = sae.encode(x, None if mode == "plain" else g)
-            fired[enc.top_indices[enc.top_acts > 0]] = True
-    return float((~fired).double().mean())
+        for gradient in sorted({kind(mode) for _, mode in encoders.values()}):
+            readers = {name: sm for name, sm in encoders.items() if kind(sm[1]) == gradient}
+            device = module_device(next(iter(readers.values()))[0])
+            stream = rd.batches(batch, seed=0, epochs=1, device=device, gradient=gradient)
+            for x, g in bar(stream, total=math.ceil(rd.n_tokens / batch), disable=not progress, leave=False,
+                            desc=f"dead latents over the train split ({len(readers)} SAEs, {gradient})"):
+                for name, (sae, mode) in readers.items():
+                    enc = sae.encode(x, None if mode == "plain" else g)
+                    fired[name][enc.top_indices[enc.top_acts > 0]] = True
+    return {name: float((~f).double().mean()) for name, f in fired.items()}
 
 
 def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: bool = True
@@ -189,6 +204,10 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
             grads = {m: to_device(rows.gradient(m), device) for m in modes if m != "plain"}
             for (_, mode), a in acc.items():
                 a.add(x, grads.get(mode))
+        dead_train = {}  # C2's window: the whole training split, with the encoder each SAE trained with
+        if split == "test":
+            trained_with = {s.name: (saes[s.name], s.primary_encode) for s in todo}
+            dead_train = dead_fractions_over(trained_with, reader(p, "train", mh), progress=progress)
         for s in todo:
             d = sae_dir(p, s, mh)
             out, counts = {}, {}
@@ -206,9 +225,8 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
                 same = {**out["plain"], **({"encode_mode": mode} if "encode_mode" in out["plain"] else {})}
                 out.setdefault(mode, same)
                 counts.setdefault(mode, counts["plain"].clone())
-            if split == "test":  # C2's window: the whole training split, with the encoder the SAE trained with
-                mode = s.primary_encode
-                out[mode]["dead_fraction_trainsplit"] = dead_fraction_over(saes[s.name], reader(p, "train", mh), mode)
+            if s.name in dead_train:
+                out[s.primary_encode]["dead_fraction_trainsplit"] = dead_train[s.name]
             io.save_tensors(d / eval_file(p, split, "firing"), counts)
             io.write_json(d / name, {"metrics": out})
     return {s.name: io.read_json(sae_dir(p, s, mh) / name) for s in specs}

@@ -28,8 +28,9 @@ SUFFIX = "_all"
 
 
 def full_test_file(p: Profile) -> str:
-    """Per-SAE result file name, keyed by the eval settings and by this stage's, ``evals``' and ``lm``'s code."""
-    return stage_file(p, "fulltest", "test", source_version(evals, lm_passes, sys.modules[__name__]))
+    """Per-SAE result file name, keyed by the eval settings and by the code of this stage, ``evals``, ``lm`` and
+    ``evaluate`` (whose ``eval_context`` gives the tokens, baselines and massive cap)."""
+    return stage_file(p, "fulltest", "test", source_version(evals, lm_passes, evaluate, sys.modules[__name__]))
 
 
 def c1_specs(p: Profile, specs: list[SAESpec]) -> list[SAESpec]:
