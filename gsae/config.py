@@ -276,9 +276,14 @@ class VariantsConfig:
     """> 0: retrain every arm's primary-k SAEs (all primary seeds, same lr and schedule shape) for this multiple of
     ``train.tokens``, as group "length_<m>": the length check of PREREG v3 (does the paired gain move when the
     training length changes?)."""
+    length_seeds: tuple[int, ...] = ()
+    """Seeds of the length check (empty: every primary seed). PREREG v5 runs it on the first 8 of the 16 primary
+    seeds to meet the time budget; C1's primary evidence keeps all 16."""
 
     def __post_init__(self) -> None:
         _require(all(k > 0 for k in self.k_grid), f"variants.k_grid must be positive, got {self.k_grid}")
+        _require(len(set(self.length_seeds)) == len(self.length_seeds),
+                 f"variants.length_seeds must be unique, got {self.length_seeds}")
         _require(self.length_multiplier >= 0 and self.length_multiplier != 1.0,
                  f"variants.length_multiplier must be 0 (none) or a positive multiple other than 1, got "
                  f"{self.length_multiplier}")
@@ -413,6 +418,9 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
              f"to [train, val, test]")
     shared = set(parts["selection"].seeds) & (set(parts["experiment"].seeds) | set(parts["experiment"].curve_seeds))
     _require(not shared, f"selection.seeds {sorted(shared)} are also experiment seeds; selection must use its own")
+    stray = set(parts["variants"].length_seeds) - set(parts["experiment"].seeds)
+    _require(not stray, f"variants.length_seeds {sorted(stray)} are not experiment seeds; the length check pairs each "
+                        f"seed with its primary SAE, so pick them from experiment.seeds")
     return Profile(name=name, **parts)
 
 

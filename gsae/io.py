@@ -124,8 +124,8 @@ def verify_manifest(stage_dir: str | Path, rebuild_hint: str = "") -> dict[str, 
     return m
 
 
-RESULT_INPUTS = ("gsae", "profiles", "prereg.yaml", "prereg_v3.yaml", "requirements.lock", "pyproject.toml",
-                 "run_all.sh")
+RESULT_INPUTS = ("gsae", "profiles", "prereg.yaml", "prereg_v3.yaml", "prereg_v4.yaml", "prereg_v5.yaml",
+                 "requirements.lock", "pyproject.toml", "run_all.sh")
 """The tracked paths whose uncommitted changes make a result "dirty". The run's own outputs (executed
 notebooks, results/, figures/, README's generated table) are left out: the default run rewrites them, so
 counting them would mark every default result dirty and the flag would say nothing."""

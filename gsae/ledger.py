@@ -1,4 +1,4 @@
-"""The claims ledger (PREREG.md, versions 2-4): ``prereg_v4.yaml`` + ``results/<profile>/metrics.jsonl``
+"""The claims ledger (PREREG.md, versions 2-5): ``prereg_v5.yaml`` + ``results/<profile>/metrics.jsonl``
 -> one three-way verdict per claim (``gsae.decision``: replicated / not replicated / underpowered), and v3's
 length check (``length_check``: does the paired gain move when the training length doubles?).
 
@@ -37,10 +37,10 @@ from .claims import BASELINE, TREATMENT, _index, _values
 OUTCOMES = ("replicated", "not replicated", "mixed", "underpowered", "not testable (floor)", "not tested")
 
 
-CURRENT = "prereg_v4.yaml"
+CURRENT = "prereg_v5.yaml"
 """The registered pre-registration (under the repository root) the claims stage applies."""
-SUPERSEDED = "prereg_v3.yaml"
-"""The version it superseded, still applied to the same rows so that both verdicts are shown (PREREG v4 §3)."""
+SUPERSEDED = "prereg_v4.yaml"
+"""The version it superseded, still applied to the same rows so that both verdicts are shown (PREREG v4 §3, v5)."""
 
 LENGTH_OUTCOMES = ("length-stable", "length-dependent", "undetermined", "not tested")
 
@@ -90,8 +90,8 @@ class ClaimResult(NamedTuple):
 
 def load_prereg(path: str | Path) -> dict[str, Any]:
     pre = yaml.safe_load(Path(path).read_text())
-    if not isinstance(pre, dict) or pre.get("version") not in (2, 3, 4):
-        raise LedgerError(f"{path}: expected a pre-registration of version 2, 3 or 4 (v1 is applied by gsae.claims)")
+    if not isinstance(pre, dict) or pre.get("version") not in (2, 3, 4, 5):
+        raise LedgerError(f"{path}: expected a pre-registration of version 2 to 5 (v1 is applied by gsae.claims)")
     lc = pre.get("length_check")
     if lc is not None and (not {"variant", "margin", "claim"} <= set(lc) or lc["claim"] not in pre.get("claims", {})):
         raise LedgerError(f"{path}: length_check needs variant, margin and a registered claim, got {lc}")
@@ -228,12 +228,16 @@ class GroupGains(NamedTuple):
     variant: np.ndarray
 
 
-def group_gains(index: dict, test: dict[str, Any], k: int, variant: str) -> GroupGains:
-    """r_s of ``test`` at ``k`` in the primary group and in ``variant``, each relative to its own TopK mean."""
+def group_gains(index: dict, test: dict[str, Any], k: int, variant: str,
+                only_seeds: list[int] | None = None) -> GroupGains:
+    """r_s of ``test`` at ``k`` in the primary group and in ``variant``, each relative to its own TopK mean, on the
+    seeds both groups have (only ``only_seeds`` among them when given: PREREG v5's length check names seeds 0-7)."""
     name = f"{test['metric']} ({test['encode_mode']})"
     vals = {g: (_values(index, g, BASELINE, test["encode_mode"], k, test["metric"]),
                 _values(index, g, TREATMENT, test["encode_mode"], k, test["metric"])) for g in ("primary", variant)}
     seeds = tuple(sorted(set.intersection(*(set(t) & set(g) for t, g in vals.values()))))
+    if only_seeds is not None:
+        seeds = tuple(s for s in seeds if s in set(only_seeds))
     if len(seeds) < 2:
         return GroupGains(name, seeds, np.array([]), np.array([]))
     gains = [decision.relative_gains({s: t[s] for s in seeds}, {s: v[s] for s in seeds}, test["better"]).gains
@@ -242,9 +246,10 @@ def group_gains(index: dict, test: dict[str, Any], k: int, variant: str) -> Grou
 
 
 def length_check(index: dict, test: dict[str, Any], k: int, variant: str, margin: float, alpha: float,
-                 family: int) -> LengthCheck:
-    """The length check of one relative test at ``k`` (PREREG v3 §2), on the seeds both groups have."""
-    gg = group_gains(index, test, k, variant)
+                 family: int, only_seeds: list[int] | None = None) -> LengthCheck:
+    """The length check of one relative test at ``k`` (PREREG v3 §2), on the seeds both groups have (of
+    ``only_seeds``, when given)."""
+    gg = group_gains(index, test, k, variant, only_seeds)
     if len(gg.seeds) < 2:
         return LengthCheck(gg.test, k, variant, "not tested", math.nan, math.nan, math.nan, len(gg.seeds), math.nan,
                            math.nan)
@@ -261,7 +266,8 @@ def _length_tests(prereg: dict[str, Any]) -> list[dict[str, Any]]:
 def length_check_gains(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[GroupGains]:
     """The per-seed gains behind the length check (its figure), one per relative test at each primary k."""
     index = _index(rows)
-    return [group_gains(index, t, k, prereg["length_check"]["variant"]) for k in prereg["primary_k"]
+    lc = prereg["length_check"]
+    return [group_gains(index, t, k, lc["variant"], lc.get("seeds")) for k in prereg["primary_k"]
             for t in _length_tests(prereg)]
 
 
@@ -272,7 +278,8 @@ def evaluate_length_check(prereg: dict[str, Any], rows: list[dict[str, Any]]) ->
         return []
     tests, index = _length_tests(prereg), _index(rows)
     family = len(tests) * len(prereg["primary_k"])
-    return [length_check(index, t, k, lc["variant"], float(lc["margin"]), float(prereg["alpha"]), family)
+    return [length_check(index, t, k, lc["variant"], float(lc["margin"]), float(prereg["alpha"]), family,
+                         lc.get("seeds"))
             for k in prereg["primary_k"] for t in tests]
 
 

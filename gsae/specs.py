@@ -78,7 +78,8 @@ def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str,
     """The primary grid (every arm, k and seed; arms interleaved per (k, seed)) and the sensitivity variants:
     each arm's own variants and ``auxk_off`` (AuxK off) for every arm at ``variants.k_grid``, and with
     ``variants.threads`` the primary-k SAEs (``variants.seeds``, else the primary seeds) retrained with that many
-    threads, and with ``variants.length_multiplier`` m the primary-k SAEs (primary seeds) trained for m x
+    threads, and with ``variants.length_multiplier`` m the primary-k SAEs (``variants.length_seeds``, else the
+    primary seeds) trained for m x
     ``train.tokens`` (group ``length_group``). ``chosen`` maps an arm to its selected
     hyperparameters; ``lr`` is one learning rate for every arm or one per arm."""
     def cfg(name: str, k: int, **over: Any) -> SAEConfig:
@@ -104,7 +105,7 @@ def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str,
     if p.variants.length_multiplier:
         tokens = scaled_tokens(p.train, p.variants.length_multiplier)
         specs += [SAESpec(length_group(p), name, k, s, cfg(name, k), train(name, s, tokens=tokens))
-                  for k in primary_k for s in e.seeds for name in e.arms]
+                  for k in primary_k for s in (p.variants.length_seeds or e.seeds) for name in e.arms]
     return specs
 
 

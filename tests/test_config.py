@@ -54,6 +54,7 @@ BAD = [
     (with_change("probing", max_tags=0), "probing.min_tag_count and max_tags"),
     (with_change("selection", lr_multipliers=[0.0]), "selection.lr_multipliers"),
     (with_change("variants", seeds=[1, 1]), "variants.seeds"),
+    (with_change("variants", length_seeds=[1, 1]), "variants.length_seeds must be unique"),
     ({**smoke_raw(), "steerig": {"n_latents": 3}}, r"unknown section\(s\) \['steerig'\]"),
 ]
 

@@ -240,6 +240,20 @@ def test_length_check_matches_a_hand_computed_paired_interval():
     assert c.outcome == ledger.length_outcome(ci.low, ci.high, 0.05)
 
 
+def test_length_check_on_registered_seeds_reads_only_those_seeds():
+    """PREREG v5 names the length check's seeds: rows of other seeds (v4 trained all 16) are left out, and the
+    result equals the check on rows of those seeds alone."""
+    rows = (rows_for({"delta_ce": 0.02, "kl": 0.0}, 32, range(16), sd=0.03, seed=1)
+            + rows_for({"delta_ce": 0.08, "kl": 0.0}, 32, range(16), variant="length_2", sd=0.03, seed=2))
+    v5 = {**PREREG_V3, "version": 5, "length_check": {**PREREG_V3["length_check"], "seeds": list(range(8))}}
+    named = ledger.evaluate_length_check(v5, rows)
+    alone = ledger.evaluate_length_check(PREREG_V3, [r for r in rows if r["seed"] < 8])
+    every = ledger.evaluate_length_check(PREREG_V3, rows)
+    assert [c.n for c in named] == [8, 8] and named == alone
+    assert every[0].n == 16 and every[0].estimate != named[0].estimate
+    assert [g.seeds for g in ledger.length_check_gains(v5, rows)] == [tuple(range(8))] * 2
+
+
 @pytest.mark.parametrize(("true_change", "lo", "hi"), [(0.0, 0.8, 1.0), (0.05, 0.0, 0.025), (0.10, 0.0, 0.0)])
 def test_length_rule_rates_in_simulation(true_change, lo, hi):
     """PREREG v3 §2's planned design: 16 seeds, SD of the per-seed change 4.4 % of TopK's mean, Bonferroni over 2.
@@ -250,6 +264,20 @@ def test_length_rule_rates_in_simulation(true_change, lo, hi):
         iv = ledger.decision.paired_interval(true_change + 0.044 * rng.standard_normal(16), 0.05, 2)
         stable += ledger.length_outcome(iv.lower, iv.upper, 0.05) == "length-stable"
     assert lo <= stable / n_sims <= hi
+
+
+@pytest.mark.parametrize(("true_change", "lo", "hi"), [(0.0, 0.85, 0.95), (0.05, 0.0, 0.025), (0.10, 0.9, 1.0)])
+def test_length_rule_rates_in_simulation_on_prereg_v5_design(true_change, lo, hi):
+    """PREREG v5's design: 8 seeds, SD of the per-seed ΔCE change 2.94 % of TopK's mean (study v4, 16 seeds).
+    No change: "length-stable" ~90 % of the time (else "undetermined"); a change as large as the margin: "stable"
+    at most alpha/(2F); twice the margin: "length-dependent" almost always."""
+    rng = np.random.default_rng(1)
+    n_sims, hits = 4000, 0
+    want = "length-dependent" if true_change > 0.05 else "length-stable"
+    for _ in range(n_sims):
+        iv = ledger.decision.paired_interval(true_change + 0.0294 * rng.standard_normal(8), 0.05, 2)
+        hits += ledger.length_outcome(iv.lower, iv.upper, 0.05) == want
+    assert lo <= hits / n_sims <= hi
 
 
 def test_length_outcomes_at_the_edges():

@@ -1,6 +1,6 @@
 """Stage ``claims``: the one writer of ``results/<profile>/metrics.jsonl`` (``gsae.metrics``), then the
 pre-registered verdicts: for a v2 profile (``selection.protocol: per_arm``) the three-way ledger of
-``prereg_v3.yaml`` (``gsae.ledger``), written to ``results/<profile>/ledger.json`` and, for the registered
+``prereg_v5.yaml`` (``gsae.ledger.CURRENT``), written to ``results/<profile>/ledger.json`` and, for the registered
 profile, the README claims block; for a v1 profile ``gsae.claims`` (README table + SENSITIVITY.md)."""
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def prereg_for(p: Profile, prereg_path: Path = ROOT / ledger.CURRENT) -> dict[st
         return pre
     pre = {**pre, "primary_k": list(p.experiment.primary_k or p.experiment.k_grid), "k_grid": list(p.experiment.k_grid)}
     if "length_check" in pre and length_group(p):
-        pre["length_check"] = {**pre["length_check"], "variant": length_group(p),
-                               "multiplier": p.variants.length_multiplier}
+        lc = {key: v for key, v in pre["length_check"].items() if key != "seeds"}  # the registered profile's seeds
+        pre["length_check"] = {**lc, "variant": length_group(p), "multiplier": p.variants.length_multiplier,
+                               **({"seeds": list(p.variants.length_seeds)} if p.variants.length_seeds else {})}
     elif "length_check" in pre:
         del pre["length_check"]  # a profile without a length group has nothing to check
     return pre
