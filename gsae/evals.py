@@ -29,8 +29,10 @@ An "SAE" here is anything with ``uses_gradient`` (default True), ``cfg.d_sae``,
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .data import data_hash
+from .io import atomic_path
 from .lm import ce_and_kl, clean_pass, patched_logits, per_token_ce, spliced_logits
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
@@ -252,10 +255,49 @@ class _Accumulator:
         self.per_token: list[tuple[Tensor, Tensor]] | None = [] if keep_per_token else None
 
 
+_RECON_FIELDS = ("n", "mean", "m2", "sse", "nonzero", "d_in", "counts")
+
+
+def _sae_digest(sae: Any) -> str:
+    """sha256 of an SAE's parameters (names, shapes, dtypes and bytes): a checkpoint belongs to these weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(sae.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, key: dict[str, Any], done: int, ce_clean_sum: float, n: int,
+                     acc: dict[tuple[str, str], _Accumulator]) -> None:
+    state = {"key": key, "batches_done": done, "ce_clean_sum": ce_clean_sum, "n": n,
+             "acc": {f"{name}|{mode}": {"ce": a.ce, "kl": a.kl,
+                                        **{f: getattr(a.recon, f) for f in _RECON_FIELDS}}
+                     for (name, mode), a in acc.items()}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, key: dict[str, Any], acc: dict[tuple[str, str], _Accumulator]
+                     ) -> tuple[int, float, int]:
+    """Restore the running sums of an interrupted evaluation into ``acc``; (batches done, CE sum, predictions)."""
+    state = torch.load(path, weights_only=True)
+    if state.get("key") != key:
+        raise ValueError(f"{path} holds the running sums of another evaluation (other SAEs, encoders, tokens or "
+                         f"settings); delete it to start this evaluation from its first batch")
+    for (name, mode), a in acc.items():
+        saved = state["acc"][f"{name}|{mode}"]
+        a.ce, a.kl = saved["ce"], saved["kl"]
+        for f in _RECON_FIELDS:
+            setattr(a.recon, f, saved[f])
+    return state["batches_done"], state["ce_clean_sum"], state["n"]
+
+
 def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name: str, *,
                   baselines: AblationBaselines, encode_modes: Sequence[str] = ENCODE_MODES,
                   batch_contexts: int = 8, per_token: bool = False, clean_above: float | None = None,
-                  progress: bool = True) -> dict[str, dict[str, FidelityResult]]:
+                  progress: bool = True, checkpoint: str | Path | None = None
+                  ) -> dict[str, dict[str, FidelityResult]]:
     """Evaluate several SAEs x encoders on the same contexts, sharing each batch's clean forward.
 
     ``clean_above``: positions whose clean activation norm exceeds it keep the clean activation in the splice
@@ -263,6 +305,11 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
 
     ``baselines`` must come from ``ablation_baselines`` on the same tokens, hook and ``exclude_pos0``
     (the splice rule follows ``baselines.exclude_pos0``). Returns ``{sae_name: {encode_mode: FidelityResult}}``.
+
+    ``checkpoint``: a file that keeps the running sums after every batch, so that an evaluation killed part-way
+    resumes at its next batch with the same sums in the same order (the same numbers, bit for bit). It is refused
+    when it was written for other SAE weights, encoders, tokens or settings; the caller deletes it once the
+    results are stored. Not with ``per_token`` (the per-token scores are not kept).
     """
     exclude_pos0 = baselines.exclude_pos0
     first = _check_inputs(model, tokens, hook_name, exclude_pos0, batch_contexts)
@@ -283,11 +330,21 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
     need_grad = any(mode != "plain" for _, mode in runs)
     label_free = any(mode == "g_free" for _, mode in runs)
     acc = {r: _Accumulator(int(saes[r[0]].cfg.d_sae), per_token) for r in runs}
-    ce_clean_sum, n = 0.0, 0
+    ce_clean_sum, n, done = 0.0, 0, 0
     clean_rows: list[Tensor] = []
+    if checkpoint is not None:
+        if per_token:
+            raise ValueError("checkpoint does not keep per-token scores; evaluate with per_token=False")
+        checkpoint = Path(checkpoint)
+        key = {"runs": [list(r) for r in runs], "sae_weights": {name: _sae_digest(saes[name]) for name in sorted(saes)},
+               "tokens": data_hash(tokens), "hook": hook_name, "exclude_pos0": exclude_pos0,
+               "batch_contexts": batch_contexts, "clean_above": clean_above, "baselines": list(baselines)}
+        if checkpoint.exists():
+            done, ce_clean_sum, n = _load_checkpoint(checkpoint, key, acc)
 
     device = _model_device(model)
-    for tok in _batches(tokens, batch_contexts, device, f"splice eval ({len(runs)} runs)", progress):
+    for tok in _batches(tokens[done * batch_contexts:], batch_contexts, device, f"splice eval ({len(runs)} runs)",
+                        progress):
         clean = clean_pass(model, tok, hook_name, first, need_grad, label_free)
         ce_clean_sum += clean.ce.double().sum().item()
         n += clean.ce.numel()
@@ -309,6 +366,9 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
             a.recon.add(clean.x[:, scored], x_hat[:, scored], top_acts[:, scored], top_indices[:, scored])
             if a.per_token is not None:
                 a.per_token.append((ce.float().cpu(), kl.float().cpu()))
+        done += 1
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, key, done, ce_clean_sum, n, acc)
 
     if n != baselines.n_tokens:
         raise ValueError(f"baselines cover {baselines.n_tokens} predictions, this evaluation {n}")

@@ -236,6 +236,39 @@ def test_batching_and_reruns_do_not_change_results(lm, gsae, baselines):
         assert getattr(c, k) == pytest.approx(getattr(a, k), rel=1e-5), k
 
 
+def test_a_killed_evaluation_resumes_from_its_checkpoint_to_the_same_bits(lm, topk, gsae, baselines, tmp_path,
+                                                                          monkeypatch):
+    """The checkpoint keeps the running sums after every batch: killed after 2 of 4 batches and rerun, the
+    evaluation does only the last 2 batches' clean passes and returns exactly the uninterrupted numbers."""
+    saes = {"topk": topk, "gsae": gsae}
+    kw = dict(baselines=baselines, encode_modes=("plain", "g"), batch_contexts=4, progress=False)
+    want = E.evaluate_saes(lm.model, saes, lm.tokens, HOOK, **kw)
+    ckpt = tmp_path / "sums.pt"
+    real, calls = E.clean_pass, []
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "clean_pass", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        E.evaluate_saes(lm.model, saes, lm.tokens, HOOK, checkpoint=ckpt, **kw)
+    assert ckpt.exists()
+    calls.clear()
+    got = E.evaluate_saes(lm.model, saes, lm.tokens, HOOK, checkpoint=ckpt, **kw)
+    assert len(calls) == 2  # 16 contexts in batches of 4: batches 3 and 4 only
+    for name in saes:
+        for mode in ("plain", "g"):
+            assert got[name][mode].scalars() == want[name][mode].scalars(), (name, mode)
+            assert torch.equal(got[name][mode].firing_counts, want[name][mode].firing_counts)
+    with pytest.raises(ValueError, match="another evaluation.*delete it"):  # other weights under the same name
+        E.evaluate_saes(lm.model, {"topk": gsae, "gsae": gsae}, lm.tokens, HOOK, checkpoint=ckpt, **kw)
+    with pytest.raises(ValueError, match="per_token"):
+        E.evaluate_saes(lm.model, saes, lm.tokens, HOOK, checkpoint=ckpt, per_token=True, **kw)
+
+
 def test_clean_pass_gradient_matches_finite_differences_and_the_harvest():
     model = tiny_model(torch.float64, seed=3)
     model.requires_grad_(False)

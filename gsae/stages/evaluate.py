@@ -160,7 +160,7 @@ def dead_fractions_over(encoders: dict[str, tuple[Any, str]], rd, batch: int = 8
             device = module_device(next(iter(readers.values()))[0])
             stream = rd.batches(batch, seed=0, epochs=1, device=device, gradient=gradient)
             for x, g in bar(stream, total=math.ceil(rd.n_tokens / batch), disable=not progress, leave=False,
-                            desc=f"dead latents over the train split ({len(readers)} SAEs, {gradient})"):
+                            desc=f"dead latents over {rd.n_tokens:,} harvested rows ({len(readers)} SAEs, {gradient})"):
                 for name, (sae, mode) in readers.items():
                     enc = sae.encode(x, None if mode == "plain" else g)
                     fired[name][enc.top_indices[enc.top_acts > 0]] = True

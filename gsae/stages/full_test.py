@@ -14,11 +14,13 @@ valid: adding it recomputes nothing that was already measured."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from .. import evals, io
 from .. import lm as lm_passes
-from ..config import Profile
+from ..config import Profile, config_hash
+from ..paths import run_dir
 from ..runtime import module_device
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
 from . import evaluate
@@ -49,9 +51,13 @@ def run_full_test(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -
     if todo:
         tokens, base, _, cap = evaluate.eval_context(p, lm, "test", every_context=True, progress=progress)
         saes = {s.name: load_trained(p, s, mh, module_device(lm.model)) for s in todo}
+        # The running sums survive a kill after every batch of contexts (the stage takes most of an hour on a
+        # CPU). The file is keyed by this stage's code and settings and by the SAEs still to score; evals refuses
+        # one whose SAE weights differ.
+        ckpt = run_dir(p) / "fulltest_checkpoints" / f"{Path(name).stem}-{config_hash(sorted(saes), n=8)}.pt"
         res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base, encode_modes=("plain",),
                                   batch_contexts=p.eval.batch_contexts, progress=progress,
-                                  clean_above=cap if p.eval.massive == "clean" else None)
+                                  clean_above=cap if p.eval.massive == "clean" else None, checkpoint=ckpt)
         for s in todo:
             r = res[s.name]["plain"]
             numbers = {"delta_ce": r.delta_ce, "kl": r.kl, "ce_loss_score": r.recovered_zero, "ce_clean": r.ce_clean,
@@ -61,6 +67,7 @@ def run_full_test(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -
             modes = ("plain",) if s.arm_impl.has_gradient_encoder else evals.ALL_ENCODE_MODES
             io.write_json(sae_dir(p, s, mh) / name, {"metrics": {m: section for m in modes},
                                                      "n_contexts": int(tokens.shape[0])})
+        ckpt.unlink()  # every SAE's file is written
     return {s.name: io.read_json(sae_dir(p, s, mh) / name) for s in chosen}
 
 
