@@ -55,14 +55,15 @@ def test_no_extension_budget_reports_the_edge(fake_training):
     assert out["lr"]["gsae"] == pytest.approx(8e-3) and out["at_edge"]["gsae"] and out["extensions"]["gsae"] == 0
 
 
-def test_the_v3_grid_has_sixteen_primary_seeds_three_curve_seeds_the_thread_rerun_and_the_length_check():
-    """The default profile under PREREG v3: 16 primary seeds per arm at k = 32, 3 at the other k, 4 one-thread
-    reruns per arm (v2's cut, DEVIATIONS.md 2026-12-02 14:20) and the length check on all 16 seeds per arm."""
+def test_the_v5_grid_has_sixteen_primary_seeds_three_curve_seeds_the_thread_rerun_and_the_length_check():
+    """The default profile under PREREG v5: 16 primary seeds per arm at k = 32, 3 at the other k, 4 one-thread
+    reruns per arm (v2's cut, DEVIATIONS.md 2026-12-02 14:20) and the length check on seeds 0-7 per arm (v5; v3 and
+    v4 ran it on all 16)."""
     p = default_profile()
     specs = experiment_specs(p, 576, 1.0, {"gsae": {"beta": 0.1}}, {"topk": 4e-3, "gsae": 8e-3})
     count = Counter((s.group, s.k) for s in specs)
     assert count == {("primary", 32): 32, ("primary", 8): 6, ("primary", 16): 6, ("primary", 64): 6,
-                     ("threads_1", 32): 8, ("length_2", 32): 32}
+                     ("threads_1", 32): 8, ("length_2", 32): 16}
     assert all(s.train.threads == 1 for s in specs if s.group == "threads_1")
     assert {s.train.lr for s in specs if s.arm == "gsae"} == {8e-3}
     assert all(s.train.max_norm_factor == 10 for s in specs)
