@@ -303,7 +303,8 @@ class EvalConfig:
     gradient_splices: str = "all"
     """Which SAEs of an arm whose code uses the gradient are spliced with their gradient encoders on the test
     split: "all", or "primary_k" (only the primary group at ``experiment.primary_k``, where the secondary tests
-    are registered; the others are spliced with plain-encode only). Activation metrics cover every encoder."""
+    are registered; the others are spliced with plain-encode only). Activation metrics cover every encoder. On the
+    validation split a ``per_arm`` selection splices plain-encode only, the encoder its objective reads."""
     full_test: bool = field(default=True, metadata={"hash_default": False})
     """Also splice the SAEs at ``experiment.primary_k`` (every group), plain-encode, on EVERY test context: C1's
     co-primary metrics ``delta_ce_all`` / ``kl_all`` (PREREG v4, stage ``full_test``). Added after v3; left out of

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from .data import data_hash
 from .io import atomic_path
-from .lm import ce_and_kl, clean_pass, patched_logits, per_token_ce, spliced_logits
+from .lm import ce_and_kl, clean_pass, per_token_ce, spliced_logits
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
 ENCODE_MODES = ("g", "plain")
@@ -223,13 +224,23 @@ def ablation_baselines(model: Any, tokens: Tensor, hook_name: str, *, mean_act: 
         floors["mean"] = lambda act: mu
     sums = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
     n = 0
+    store: dict[str, Tensor] = {}
+
+    def grab(act: Tensor, hook: Any) -> Tensor:
+        store["x"] = act
+        return act
+
     for tok in _batches(tokens, batch_contexts, device, "ablation baselines", progress):
         with torch.no_grad():
-            logits = model(tok, return_type="logits", padding_side="right")
-        sums["clean"] += per_token_ce(logits, tok, first).double().sum().item()
-        for name, replace in floors.items():
-            logits = patched_logits(model, tok, hook_name, first, replace)
-            sums[name] += per_token_ce(logits, tok, first).double().sum().item()
+            logits = model.run_with_hooks(tok, return_type="logits", fwd_hooks=[(hook_name, grab)],
+                                          padding_side="right")
+            sums["clean"] += per_token_ce(logits, tok, first).double().sum().item()
+            x = store.pop("x")
+            for name, replace in floors.items():
+                # An ablation is a splice of a constant: it restarts at the hook's block like an SAE's splice (the
+                # blocks below would recompute x), the same operations on the same inputs as a patched full forward.
+                logits = spliced_logits(model, tok, hook_name, first, x, replace(x).expand_as(x))
+                sums[name] += per_token_ce(logits, tok, first).double().sum().item()
         n += tok.shape[0] * (tok.shape[1] - 1 - first)
     return AblationBaselines(sums["clean"] / n, sums["zero"] / n, sums["mean"] / n if mean_act is not None else None,
                              n, hook_name, exclude_pos0, data_hash(tokens))
@@ -259,8 +270,9 @@ _RECON_FIELDS = ("n", "mean", "m2", "sse", "nonzero", "d_in", "counts")
 
 
 def _sae_digest(sae: Any) -> str:
-    """sha256 of an SAE's parameters (names, shapes, dtypes and bytes): a checkpoint belongs to these weights."""
-    h = hashlib.sha256()
+    """sha256 of an SAE's config (k, beta, ...) and parameters (names, shapes, dtypes and bytes): a checkpoint
+    belongs to this SAE."""
+    h = hashlib.sha256(repr(getattr(sae, "cfg", None)).encode())
     for name, t in sorted(sae.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
@@ -278,6 +290,12 @@ def _save_checkpoint(path: Path, key: dict[str, Any], done: int, ce_clean_sum: f
         torch.save(state, tmp)
 
 
+def _restore(a: _Accumulator, saved: dict[str, Any]) -> None:
+    a.ce, a.kl = saved["ce"], saved["kl"]
+    for f in _RECON_FIELDS:
+        setattr(a.recon, f, saved[f])
+
+
 def _load_checkpoint(path: Path, key: dict[str, Any], acc: dict[tuple[str, str], _Accumulator]
                      ) -> tuple[int, float, int]:
     """Restore the running sums of an interrupted evaluation into ``acc``; (batches done, CE sum, predictions)."""
@@ -286,18 +304,55 @@ def _load_checkpoint(path: Path, key: dict[str, Any], acc: dict[tuple[str, str],
         raise ValueError(f"{path} holds the running sums of another evaluation (other SAEs, encoders, tokens or "
                          f"settings); delete it to start this evaluation from its first batch")
     for (name, mode), a in acc.items():
-        saved = state["acc"][f"{name}|{mode}"]
-        a.ce, a.kl = saved["ce"], saved["kl"]
-        for f in _RECON_FIELDS:
-            setattr(a.recon, f, saved[f])
+        _restore(a, state["acc"][f"{name}|{mode}"])
     return state["batches_done"], state["ce_clean_sum"], state["n"]
+
+
+_PREFIX_SETTINGS = ("hook", "exclude_pos0", "batch_contexts", "clean_above")
+"""What another evaluation's sums must share with this one to stand for its first batches (not the baselines:
+they enter only the final ratios)."""
+
+
+def _load_prefix(paths: Sequence[Path], key: dict[str, Any], tokens: Tensor, batch_contexts: int,
+                 acc: dict[tuple[str, str], _Accumulator]) -> tuple[int, float, int]:
+    """Start ``acc`` from the checkpoints of other evaluations of the first contexts of ``tokens``: each of
+    ``paths`` counts if it has the same settings, SAE weights and first contexts, and the latest number of whole
+    batches that every run of ``acc`` has, with one clean CE sum, is taken. (0, 0.0, 0): none covers every run."""
+    usable: dict[int, list[dict[str, Any]]] = {}
+    for path in paths:
+        state = torch.load(path, weights_only=True)
+        k, done = state["key"], state["batches_done"]
+        n_ctx = k.get("n_contexts", 0)
+        if (any(k.get(s) != key[s] for s in _PREFIX_SETTINGS) or not 0 < done * batch_contexts <= n_ctx
+                or n_ctx > tokens.shape[0] or k["tokens"] != data_hash(tokens[:n_ctx])):
+            continue
+        usable.setdefault(done, []).append(state)
+    for done in sorted(usable, reverse=True):
+        found: dict[tuple[str, str], tuple[dict[str, Any], tuple[float, int]]] = {}
+        for state in usable[done]:
+            for name, mode in acc:
+                saved = state["acc"].get(f"{name}|{mode}")
+                if saved is not None and state["key"]["sae_weights"].get(name) == key["sae_weights"][name]:
+                    found[name, mode] = saved, (state["ce_clean_sum"], state["n"])
+        if len(found) < len(acc):
+            continue
+        clean = {c for _, c in found.values()}
+        if len(clean) != 1:  # the same contexts gave two clean CE sums: a clean pass differs; never mix them
+            warnings.warn(f"prefix checkpoints disagree on the clean CE of their first {done} batches; "
+                          f"they are passed over", stacklevel=3)
+            continue
+        for r, a in acc.items():
+            _restore(a, found[r][0])
+        (ce_clean_sum, n), = clean
+        return done, ce_clean_sum, n
+    return 0, 0.0, 0
 
 
 def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name: str, *,
                   baselines: AblationBaselines, encode_modes: Sequence[str] = ENCODE_MODES,
                   batch_contexts: int = 8, per_token: bool = False, clean_above: float | None = None,
-                  progress: bool = True, checkpoint: str | Path | None = None
-                  ) -> dict[str, dict[str, FidelityResult]]:
+                  progress: bool = True, checkpoint: str | Path | None = None,
+                  resume_from: Sequence[str | Path] = ()) -> dict[str, dict[str, FidelityResult]]:
     """Evaluate several SAEs x encoders on the same contexts, sharing each batch's clean forward.
 
     ``clean_above``: positions whose clean activation norm exceeds it keep the clean activation in the splice
@@ -310,6 +365,12 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
     resumes at its next batch with the same sums in the same order (the same numbers, bit for bit). It is refused
     when it was written for other SAE weights, encoders, tokens or settings; the caller deletes it once the
     results are stored. Not with ``per_token`` (the per-token scores are not kept).
+
+    ``resume_from``: checkpoints of other evaluations whose contexts are the first contexts of ``tokens`` (e.g. a
+    subset evaluation of the same SAEs): when ``checkpoint`` does not exist yet, the evaluation starts after the
+    batches they already summed for every one of its runs (same SAE weights and settings; files that do not fit
+    are passed over). The sums are the ones a run from the first batch would have reached, so the results are the
+    same bits. Needs ``checkpoint``.
     """
     exclude_pos0 = baselines.exclude_pos0
     first = _check_inputs(model, tokens, hook_name, exclude_pos0, batch_contexts)
@@ -337,10 +398,17 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
             raise ValueError("checkpoint does not keep per-token scores; evaluate with per_token=False")
         checkpoint = Path(checkpoint)
         key = {"runs": [list(r) for r in runs], "sae_weights": {name: _sae_digest(saes[name]) for name in sorted(saes)},
-               "tokens": data_hash(tokens), "hook": hook_name, "exclude_pos0": exclude_pos0,
-               "batch_contexts": batch_contexts, "clean_above": clean_above, "baselines": list(baselines)}
+               "tokens": data_hash(tokens), "n_contexts": int(tokens.shape[0]), "hook": hook_name,
+               "exclude_pos0": exclude_pos0, "batch_contexts": batch_contexts, "clean_above": clean_above,
+               "baselines": list(baselines)}
         if checkpoint.exists():
             done, ce_clean_sum, n = _load_checkpoint(checkpoint, key, acc)
+        else:
+            done, ce_clean_sum, n = _load_prefix([Path(f) for f in resume_from], key, tokens, batch_contexts, acc)
+            if done:
+                _save_checkpoint(checkpoint, key, done, ce_clean_sum, n, acc)
+    elif resume_from:
+        raise ValueError("resume_from needs a checkpoint file for this evaluation's own running sums")
 
     device = _model_device(model)
     for tok in _batches(tokens[done * batch_contexts:], batch_contexts, device, f"splice eval ({len(runs)} runs)",

@@ -167,5 +167,8 @@ def provenance(**extra: Any) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
+        # The kernel ISA torch dispatches to (AVX2, AVX512, ...): SAEs and harvests reproduce bit for bit only
+        # within one (README, "Determinism").
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **extra,
     }

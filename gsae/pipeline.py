@@ -76,9 +76,11 @@ def check(p: Profile, dry_run: bool = False, emit=None) -> list[str]:
 
 
 def clean(p: Profile) -> None:
-    """--force: drop this profile's stage outputs (caches shared across profiles are kept)."""
+    """--force: drop this profile's stage outputs (caches shared across profiles are kept), the selection and the
+    convergence check with them (the check trains at the selected lr). The exploratory
+    ``convergence_extension.json`` is kept: no stage recomputes it (``extend-convergence`` does, by hand)."""
     shutil.rmtree(run_dir(p), ignore_errors=True)
-    for name in ("selection.json", "selection_edges.json", "metrics.jsonl", "provenance.json"):
+    for name in ("selection.json", "selection_edges.json", "convergence.json", "metrics.jsonl", "provenance.json"):
         (results_dir(p) / name).unlink(missing_ok=True)
 
 

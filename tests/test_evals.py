@@ -151,6 +151,25 @@ def test_zero_and_mean_reconstructions_recover_nothing(lm, baselines):
     assert zero.mse == pytest.approx(x.pow(2).mean().item(), rel=1e-9)
 
 
+def test_ablation_baselines_equal_patched_full_forwards_bit_for_bit(lm, baselines):
+    # The ablations restart at the hook's block; the reference runs every block with a patching hook
+    # (TransformerLens' hook path) and sums the per-token CE the same way, batch by batch.
+    from gsae.lm import patched_logits, per_token_ce
+
+    sums = {"clean": 0.0, "zero": 0.0, "mean": 0.0}
+    for s in range(0, lm.tokens.shape[0], 8):
+        tok = lm.tokens[s:s + 8]
+        with torch.no_grad():
+            sums["clean"] += per_token_ce(lm.model(tok, return_type="logits"), tok, 1).double().sum().item()
+        for name, value in (("zero", torch.zeros(D)), ("mean", lm.mean_act)):
+            logits = patched_logits(lm.model, tok, HOOK, 1, lambda act, v=value: v)
+            sums[name] += per_token_ce(logits, tok, 1).double().sum().item()
+    n = lm.tokens.shape[0] * (T - 2)
+    assert (baselines.ce_clean, baselines.ce_zero, baselines.ce_mean) == (sums["clean"] / n, sums["zero"] / n,
+                                                                         sums["mean"] / n)
+    assert baselines.ce_zero > baselines.ce_clean  # the ablations change the logits: not vacuous
+
+
 # ------------------------------------------------------------------------------------------ SAELens reference
 @pytest.mark.filterwarnings("ignore::UserWarning")  # SAELens: "fewer samples than training tokens", tensor copy
 def test_topk_matches_saelens_run_evals_on_the_same_contexts(lm, topk):
@@ -267,6 +286,68 @@ def test_a_killed_evaluation_resumes_from_its_checkpoint_to_the_same_bits(lm, to
         E.evaluate_saes(lm.model, {"topk": gsae, "gsae": gsae}, lm.tokens, HOOK, checkpoint=ckpt, **kw)
     with pytest.raises(ValueError, match="per_token"):
         E.evaluate_saes(lm.model, saes, lm.tokens, HOOK, checkpoint=ckpt, per_token=True, **kw)
+
+
+def _counting_clean_pass(monkeypatch) -> list[int]:
+    real, calls = E.clean_pass, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "clean_pass", counted)
+    return calls
+
+
+def test_an_evaluation_starts_after_a_subset_evaluation_of_its_first_contexts_to_the_same_bits(
+        lm, topk, gsae, baselines, tmp_path, monkeypatch):
+    """full_test's shortcut: two groups evaluated on the first 8 of 16 contexts (one with the gradient encoders,
+    as the evaluate stage splits them) stand for the first 2 of 4 batches of a plain evaluation of both SAEs,
+    which then splices only the last 2 batches and returns exactly the numbers of a run from its first batch."""
+    saes, kw = {"topk": topk, "gsae": gsae}, dict(batch_contexts=4, progress=False)
+    want = E.evaluate_saes(lm.model, saes, lm.tokens, HOOK, baselines=baselines, encode_modes=("plain",), **kw)
+    first8 = E.ablation_baselines(lm.model, lm.tokens[:8], HOOK, mean_act=lm.mean_act, **kw)
+    E.evaluate_saes(lm.model, {"gsae": gsae}, lm.tokens[:8], HOOK, baselines=first8, encode_modes=("plain", "g"),
+                    checkpoint=tmp_path / "a.pt", **kw)
+    E.evaluate_saes(lm.model, {"topk": topk}, lm.tokens[:8], HOOK, baselines=first8, encode_modes=("plain",),
+                    checkpoint=tmp_path / "b.pt", **kw)
+    calls = _counting_clean_pass(monkeypatch)
+
+    def full(sources, ckpt, models=saes):
+        calls.clear()
+        return E.evaluate_saes(lm.model, models, lm.tokens, HOOK, baselines=baselines, encode_modes=("plain",),
+                               checkpoint=tmp_path / ckpt, resume_from=sources, **kw)
+
+    got = full([tmp_path / "a.pt", tmp_path / "b.pt"], "c.pt")
+    assert len(calls) == 2  # batches 3 and 4 only
+    for name in saes:
+        assert got[name]["plain"].scalars() == want[name]["plain"].scalars(), name
+        assert torch.equal(got[name]["plain"].firing_counts, want[name]["plain"].firing_counts)
+    # Sources that do not cover every run, or hold other weights under a name, are passed over.
+    full([tmp_path / "a.pt"], "d.pt")
+    assert len(calls) == 4
+    other = GSAE(SAEConfig(d_in=D, d_sae=128, k=6), seed=1)
+    assert full([tmp_path / "a.pt", tmp_path / "b.pt"], "e.pt", {"topk": other, "gsae": gsae})["gsae"]["plain"] \
+        .scalars() == want["gsae"]["plain"].scalars()
+    assert len(calls) == 4
+    # Other contexts first, or other batches: passed over.
+    E.evaluate_saes(lm.model, saes, lm.tokens[8:], HOOK, baselines=E.ablation_baselines(
+        lm.model, lm.tokens[8:], HOOK, **kw), encode_modes=("plain",), checkpoint=tmp_path / "f.pt", **kw)
+    full([tmp_path / "f.pt"], "g.pt")
+    assert len(calls) == 4
+    calls.clear()
+    E.evaluate_saes(lm.model, saes, lm.tokens, HOOK, baselines=baselines, encode_modes=("plain",), batch_contexts=8,
+                    progress=False, checkpoint=tmp_path / "h.pt", resume_from=[tmp_path / "a.pt", tmp_path / "b.pt"])
+    assert len(calls) == 2  # 16 contexts in batches of 8, from the first
+    # Two sources that disagree on the clean CE of the same contexts are never mixed.
+    state = torch.load(tmp_path / "b.pt", weights_only=True)
+    state["ce_clean_sum"] += 1e-9
+    torch.save(state, tmp_path / "b.pt")
+    with pytest.warns(UserWarning, match="disagree on the clean CE"):
+        full([tmp_path / "a.pt", tmp_path / "b.pt"], "i.pt")
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="resume_from needs a checkpoint"):
+        E.evaluate_saes(lm.model, saes, lm.tokens, HOOK, baselines=baselines, resume_from=[tmp_path / "a.pt"], **kw)
 
 
 def test_clean_pass_gradient_matches_finite_differences_and_the_harvest():

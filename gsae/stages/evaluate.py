@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import evals, io
 from .. import lm as lm_passes
-from ..config import Profile
+from ..config import Profile, config_hash
+from ..paths import run_dir
 from ..progress import bar
 from ..runtime import module_device, to_device
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
@@ -37,6 +39,13 @@ def code_version() -> str:
 
 def eval_file(p: Profile, split: str, kind: str = "eval") -> str:
     return stage_file(p, kind, split, code_version())
+
+
+def splice_sums_dir(p: Profile, split: str) -> Path:
+    """Where ``evaluate_specs`` keeps the running sums of its splice evaluations (``evals.evaluate_saes``'s
+    checkpoints), one file per group of SAEs: they resume a killed evaluation, and ``full_test`` starts each of its
+    SAEs after the contexts summed here (its first ``eval.lm_contexts``) instead of splicing them again."""
+    return run_dir(p) / "splice_sums" / Path(eval_file(p, split)).stem
 
 
 def eval_tokens(p: Profile, lm, split: str, every_context: bool = False):
@@ -187,17 +196,20 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
         def encoders(s: SAESpec) -> tuple[str, ...]:  # an arm whose code ignores g: every encoder is plain-encode
             return modes if s.arm_impl.has_gradient_encoder else ("plain",)
 
-        def measured(s: SAESpec) -> tuple[str, ...]:  # the encoders spliced into the LM (eval.gradient_splices)
+        def measured(s: SAESpec) -> tuple[str, ...]:  # the encoders spliced into the LM
+            if split != "test":  # the selection's split: the encoder its objective reads (per_arm: plain-encode)
+                return ("plain",) if p.selection.protocol == "per_arm" else encoders(s)
             secondary = s.group == "primary" and s.k in (p.experiment.primary_k or (s.k,))
-            everything = p.eval.gradient_splices == "all" or split != "test"
-            return encoders(s) if everything or secondary else ("plain",)
+            return encoders(s) if p.eval.gradient_splices == "all" or secondary else ("plain",)
 
         res: dict[str, Any] = {}
         for group_modes in dict.fromkeys(measured(s) for s in todo):
             group = {s.name: saes[s.name] for s in todo if measured(s) == group_modes}
+            sums = splice_sums_dir(p, split) / f"{config_hash(sorted(group), n=8)}.pt"
             res.update(evals.evaluate_saes(lm.model, group, tokens, p.model.hook_name, baselines=base,
                                            encode_modes=group_modes, batch_contexts=p.eval.batch_contexts,
-                                           progress=progress, clean_above=cap if p.eval.massive == "clean" else None))
+                                           progress=progress, clean_above=cap if p.eval.massive == "clean" else None,
+                                           checkpoint=sums))
         acc = {(s.name, mode): ActivationMetrics(saes[s.name], mode, cap) for s in todo for mode in encoders(s)}
         for rows in rd.chunks(ACT_CHUNK):
             x = to_device(rows.x, device)  # moved once, shared by every SAE

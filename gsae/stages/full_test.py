@@ -53,11 +53,13 @@ def run_full_test(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -
         saes = {s.name: load_trained(p, s, mh, module_device(lm.model)) for s in todo}
         # The running sums survive a kill after every batch of contexts (the stage takes most of an hour on a
         # CPU). The file is keyed by this stage's code and settings and by the SAEs still to score; evals refuses
-        # one whose SAE weights differ.
+        # one whose SAE weights differ. A first run starts after the contexts ``evaluate`` already spliced these
+        # SAEs into (the same batches, so the same sums) when its kept sums cover every one of them.
         ckpt = run_dir(p) / "fulltest_checkpoints" / f"{Path(name).stem}-{config_hash(sorted(saes), n=8)}.pt"
         res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base, encode_modes=("plain",),
                                   batch_contexts=p.eval.batch_contexts, progress=progress,
-                                  clean_above=cap if p.eval.massive == "clean" else None, checkpoint=ckpt)
+                                  clean_above=cap if p.eval.massive == "clean" else None, checkpoint=ckpt,
+                                  resume_from=sorted(evaluate.splice_sums_dir(p, "test").glob("*.pt")))
         for s in todo:
             r = res[s.name]["plain"]
             numbers = {"delta_ce": r.delta_ce, "kl": r.kl, "ce_loss_score": r.recovered_zero, "ce_clean": r.ce_clean,
