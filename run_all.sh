@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # gsae replication entry point.
-#   ./run_all.sh [--profile smoke|default|paper] [--force] [--dry-run]   run every notebook in order
+#   ./run_all.sh [--profile smoke|default|paper] [--force [--reselect]] [--dry-run]   run every notebook in order
+#     --force recomputes what the stages computed; --reselect (implies --force) also the selection and convergence
+#     records, which the default profile's study reuses as registered inputs (gsae.pipeline.SELECTION_RECORDS)
 #   ./run_all.sh --tests [pytest args]                                    ruff + the test suite
 # Both create .venv from requirements.lock first if it is missing or stale (seconds when present).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$(pwd)
 
-profile=default force=0 dry=0 tests=0
+profile=default force=0 reselect=0 dry=0 tests=0
 pytest_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile=${2:?--profile needs a name: smoke, default or paper}; shift 2 ;;
     --profile=*) profile=${1#*=}; shift ;;
     --force) force=1; shift ;;
+    --reselect) force=1 reselect=1; shift ;;
     --dry-run) dry=1; shift ;;
     --tests) tests=1; shift; pytest_args=("$@"); break ;;
-    -h|--help) sed -n 2,5p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,7p "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,7 +64,7 @@ fi
 
 .venv/bin/python -m gsae.pipeline check --profile "$profile" $([ "$dry" = 1 ] && echo --dry-run)
 [ "$dry" = 1 ] && exit 0
-[ "$force" = 1 ] && .venv/bin/python -m gsae.pipeline clean --profile "$profile"
+[ "$force" = 1 ] && .venv/bin/python -m gsae.pipeline clean --profile "$profile" $([ "$reselect" = 1 ] && echo --reselect)
 
 # The default profile's executed notebooks are committed in notebooks/; other profiles keep theirs in runs/.
 if [ "$profile" = default ]; then out=notebooks; else out=runs/$profile/notebooks; mkdir -p "$out"; fi

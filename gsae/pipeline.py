@@ -3,9 +3,10 @@
 COMMAND is a stage (``gsae.stages.ORDER``: contexts, harvest, train, evaluate, full_test, steer, probe, claims),
 run with the same function its notebook calls, or one of ``check`` (fail fast on what would break a run: config, model
 availability, disk; with ``--dry-run`` also the projected disk, memory and time of every stage, ``gsae.projection``),
-``clean`` (``--force``: drop the profile's stage outputs) and ``summary`` (where things are). run_all.sh uses
-check / clean / summary and runs the stages through the notebooks. ``extend-convergence --lengths 4 8`` continues a
-v2 profile's convergence curve to those multiples of the primary length (exploratory: no verdict reads it).
+``clean`` (``--force``: drop the profile's stage outputs; ``--reselect``: also its selection records) and ``summary``
+(where things are). run_all.sh uses check / clean / summary and runs the stages through the notebooks.
+``extend-convergence --lengths 4 8`` continues a v2 profile's convergence curve to those multiples of the primary
+length (exploratory: no verdict reads it).
 
 Several processes: ``torchrun --nproc_per_node=N -m gsae.pipeline STAGE --profile P`` (``harvest`` shards the
 harvest by rank, ``train`` spreads the SAE grid; README, "Scaling up"). ``--device`` overrides
@@ -75,12 +76,19 @@ def check(p: Profile, dry_run: bool = False, emit=None) -> list[str]:
     return notes
 
 
-def clean(p: Profile) -> None:
-    """--force: drop this profile's stage outputs (caches shared across profiles are kept), the selection and the
-    convergence check with them (the check trains at the selected lr). The exploratory
-    ``convergence_extension.json`` is kept: no stage recomputes it (``extend-convergence`` does, by hand)."""
+SELECTION_RECORDS = ("selection.json", "selection_edges.json", "convergence.json")
+"""The selection and the convergence check (trained at the selected lr). Studies v3-v5 register v2's records as
+inputs, reused as they are (PREREG v3 §1), like the pre-registration itself; ``--force`` keeps them and only
+``--reselect`` recomputes them (under the profile's current settings, which for the default profile are no longer
+v2's evaluation subset)."""
+
+
+def clean(p: Profile, reselect: bool = False) -> None:
+    """--force: drop what this profile's stages computed (caches shared across profiles are kept); with
+    ``reselect`` also ``SELECTION_RECORDS``. The exploratory ``convergence_extension.json`` is always kept: no stage
+    recomputes it (``extend-convergence`` does, by hand)."""
     shutil.rmtree(run_dir(p), ignore_errors=True)
-    for name in ("selection.json", "selection_edges.json", "convergence.json", "metrics.jsonl", "provenance.json"):
+    for name in ("metrics.jsonl", "provenance.json") + (SELECTION_RECORDS if reselect else ()):
         (results_dir(p) / name).unlink(missing_ok=True)
 
 
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("check", "clean", "summary", "extend-convergence") + ORDER)
     ap.add_argument("--profile", default="default")
     ap.add_argument("--dry-run", action="store_true", help="check only: validate without needing the model/GPU")
+    ap.add_argument("--reselect", action="store_true",
+                    help="clean: also drop the selection and convergence records, so that they are recomputed")
     ap.add_argument("--device", help="override runtime.device: auto, cpu, cuda or cuda:N")
     ap.add_argument("--lengths", type=float, nargs="+", default=(4.0, 8.0),
                     help="extend-convergence: multiples of the primary training length")
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "check":
             check(p, a.dry_run, emit=lambda line: print(line, flush=True))
         elif a.command == "clean":
-            clean(p)
+            clean(p, a.reselect)
         elif a.command == "summary":
             print(summary(p))
         elif a.command == "extend-convergence":

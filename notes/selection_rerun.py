@@ -1,5 +1,5 @@
 """Recompute the default profile's per-arm selection and convergence check -- the part of a run that
-`./run_all.sh --force` adds to a fresh clone's `./run_all.sh` -- time it, and compare every value with the
+`./run_all.sh --reselect` adds to a fresh clone's `./run_all.sh` -- time it, and compare every value with the
 committed records.
 
     PYTHONPATH=. python notes/selection_rerun.py SCRATCH_DIR > notes/selection_rerun.txt

@@ -173,7 +173,7 @@ def check_selection(p: Profile, sel: dict[str, Any], path: Path) -> dict[str, An
         raise ConfigError(f"{path} was made by selection protocol {protocol!r}"
                           + (f" with other {' and '.join(stale)} settings" if stale else "")
                           + f", but profile {p.name!r} uses {p.selection.protocol!r}; move the old results/"
-                          f"{p.name}/ aside (it may be a committed earlier study) or run ./run_all.sh --force")
+                          f"{p.name}/ aside (it may be a committed earlier study) or run ./run_all.sh --reselect")
     return sel
 
 
