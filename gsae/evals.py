@@ -363,8 +363,9 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
 
     ``checkpoint``: a file that keeps the running sums after every batch, so that an evaluation killed part-way
     resumes at its next batch with the same sums in the same order (the same numbers, bit for bit). It is refused
-    when it was written for other SAE weights, encoders, tokens or settings; the caller deletes it once the
-    results are stored. Not with ``per_token`` (the per-token scores are not kept).
+    when it was written for other SAE weights, encoders, tokens or settings. Once the results are stored the caller
+    deletes it, or keeps it for a longer evaluation to start from (``resume_from``). Not with ``per_token`` (the
+    per-token scores are not kept).
 
     ``resume_from``: checkpoints of other evaluations whose contexts are the first contexts of ``tokens`` (e.g. a
     subset evaluation of the same SAEs): when ``checkpoint`` does not exist yet, the evaluation starts after the
