@@ -23,6 +23,12 @@ while [ $# -gt 0 ]; do
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+# An unknown profile is refused before the first run spends minutes building .venv.
+if [ "$tests" = 0 ] && [ ! -f "profiles/$profile.yaml" ]; then
+  known=$(cd profiles && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')
+  echo "run_all.sh: unknown profile '$profile': no file profiles/$profile.yaml; known profiles: ${known% }" >&2
+  exit 2
+fi
 
 # PASSIVE: idle OpenMP threads sleep instead of spinning, which matters on 2 shared cores (gsae.bench).
 export WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

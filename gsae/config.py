@@ -3,7 +3,12 @@
 A profile is the only place numbers live. Every stage receives its own config object and hashes it
 (``config_hash``) to key its cache directory, so a changed config never reuses stale outputs.
 Validation happens on construction: a bad value raises ``ConfigError`` with a message that says
-what to change, before any stage writes anything.
+what to change, before any stage writes anything. A value of the wrong type (``lr: 0.00l``) is named with its
+section, key and expected type (checked against the dataclass annotations before any ``__post_init__`` runs), and
+a YAML syntax error with its file:line:column.
+
+This module never imports ``gsae.arms`` (the arms import it): whether ``experiment.arms`` names registered arms,
+and what those arms need from the profile, is checked by ``gsae.specs.check_profile`` (``load_checked_profile``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +24,9 @@ from typing import Any
 
 import yaml
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+from .paths import ROOT
+
+PROFILES_DIR = ROOT / "profiles"
 KNOWN_MODELS = ("smollm2-135m", "tiny", "gpt2")
 """The LMs ``gsae.models.load_model`` can build (the one list; models.py imports it)."""
 CORPORA = ("brown", "sotu", "brown+sotu", "openwebtext")
@@ -213,8 +221,6 @@ class ExperimentConfig:
     """Candidate betas for the g-SAE, selected on the validation split."""
     beta_select_k: int = 32
     """k at which beta is selected (one beta for all k)."""
-    beta_select_seed: int = 0
-    """Seed used for beta selection trials."""
     arms: tuple[str, ...] = ("topk", "gsae")
     """Registered arms (``gsae.arms``) trained on the same grid; the first is the baseline of every comparison."""
     primary_k: tuple[int, ...] = ()
@@ -223,12 +229,9 @@ class ExperimentConfig:
     """Seeds of the k values outside ``primary_k`` (the fidelity curve); empty: ``seeds``."""
 
     def __post_init__(self) -> None:
-        from . import arms  # registry lives above config; imported here, at validation time
-
-        unknown = [a for a in self.arms if a not in arms.names()]
-        _require(len(self.arms) >= 2 and not unknown and len(set(self.arms)) == len(self.arms),
-                 f"experiment.arms must name two or more distinct registered arms, got {self.arms}; "
-                 f"registered: {sorted(arms.names())}")
+        # Whether they are registered arms is checked by gsae.specs.check_profile (config never imports arms).
+        _require(len(self.arms) >= 2 and len(set(self.arms)) == len(self.arms),
+                 f"experiment.arms must name two or more distinct arms, got {self.arms}")
         _require(self.expansion >= 1, "experiment.expansion must be >= 1")
         _require(set(self.primary_k) <= set(self.k_grid), f"experiment.primary_k {self.primary_k} must be in k_grid")
         _require(len(self.k_grid) >= 1 and all(k > 0 for k in self.k_grid), "experiment.k_grid must be positive")
@@ -240,15 +243,12 @@ class ExperimentConfig:
 class SelectionConfig:
     lr_multipliers: tuple[float, ...] = (1.0,)
     """Learning-rate trials as multiples of ``train.lr``."""
-    protocol: str = "v1"
-    """"v1" (PREREG v1 §3): the baseline arm's lr trials, then each other arm's own hyperparameter grid at that lr,
-    at (beta_select_k, beta_select_seed). "per_arm" (PREREG v2): every arm gets the same lr trials, with its own
-    hyperparameters at the first value of their grid, at each of ``seeds``, scored by its plain-encode validation
-    delta_ce (mean over the seeds); a best lr on the grid's edge gets trials beyond it (``max_extensions``)."""
-    seeds: tuple[int, ...] = ()
-    """per_arm: the selection seeds (never primary seeds, so no primary SAE is chosen on its own noise)."""
+    seeds: tuple[int, ...] = (100,)
+    """The selection seeds (never primary seeds, so no primary SAE is chosen on its own noise). Every arm gets the
+    same lr trials, with its own hyperparameters at the first value of their grid, at each of these seeds, scored
+    by its plain-encode validation delta_ce (mean over the seeds) (PREREG §1)."""
     max_extensions: int = 2
-    """per_arm: how many times a best lr on the grid's edge is followed by a trial one grid step beyond it."""
+    """How many times a best lr on the grid's edge is followed by a trial one grid step beyond it."""
     length_multipliers: tuple[float, ...] = ()
     """Convergence check: the chosen lr is also trained for these multiples of ``train.tokens`` (first selection
     seed, both arms) and the validation delta_ce is reported against the length (empty: no check)."""
@@ -256,9 +256,7 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         _require(len(self.lr_multipliers) >= 1 and all(m > 0 for m in self.lr_multipliers),
                  f"selection.lr_multipliers must be positive numbers, got {self.lr_multipliers}")
-        _require(self.protocol in ("v1", "per_arm"), f"selection.protocol must be 'v1' or 'per_arm', got "
-                                                     f"{self.protocol!r}")
-        _require(self.protocol == "v1" or len(self.seeds) >= 1, "selection.protocol per_arm needs selection.seeds")
+        _require(len(self.seeds) >= 1, "selection.seeds must name at least one seed")
         _require(self.max_extensions >= 0, "selection.max_extensions must be >= 0")
         _require(all(m > 0 for m in self.length_multipliers), "selection.length_multipliers must be > 0")
 
@@ -395,12 +393,127 @@ SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Profile).ite
 """Every section a profile may hold, with its dataclass: the fields of ``Profile`` (the one list)."""
 
 
+class _Mismatch(Exception):
+    """A value does not fit a field's annotation; ``args[0]`` is an extra detail ("" or " (item 2 is ...)")."""
+
+
+_SCALARS: dict[Any, tuple[str, str]] = {int: ("an integer", "integers"), float: ("a float", "floats"),
+                                        bool: ("true or false", "booleans"), str: ("a string", "strings"),
+                                        type(None): ("null", "nulls")}
+
+
+def _expected(tp: Any, plural: bool = False) -> str:
+    """How a YAML user reads annotation ``tp``: "a float", "a list of integers", "a string or null", ..."""
+    if tp in _SCALARS:
+        return _SCALARS[tp][plural]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a, plural) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"{'lists' if plural else 'a list'} of {_expected(args[0], True)}"
+    if origin is tuple and args and len(set(args)) == 1:
+        return f"{'lists' if plural else 'a list'} of {len(args)} {_expected(args[0], True)}"
+    if origin is tuple:
+        return f"{'lists' if plural else 'a list'} of {len(args)} items: {', '.join(_expected(a) for a in args)}"
+    if origin in (list, set, frozenset):
+        return f"{'lists' if plural else 'a list'} of {_expected(args[0], True) if args else 'values'}"
+    if origin is dict and len(args) == 2:
+        return f"{'mappings' if plural else 'a mapping'} of {_expected(args[0], True)} to {_expected(args[1], True)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    """A parsed YAML value as its reader wrote it: "the string '0.00l'", "the integer 3", "null", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    kind = {int: "integer", float: "float", str: "string", list: "list", tuple: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__)
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return f"the {kind} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """``value`` (parsed YAML) as field type ``tp``: YAML lists become tuples for tuple fields; an int is a valid
+    float (kept as it is, so config hashes do not change); anything else that does not fit raises ``_Mismatch``.
+    An annotation not handled here passes the value through (``__post_init__`` judges it)."""
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _coerce(a, value)
+            except _Mismatch:
+                pass
+        raise _Mismatch("")
+    if tp in _SCALARS:
+        ok = {bool: isinstance(value, bool), type(None): value is None,
+              int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool),
+              str: isinstance(value, str)}[tp]
+        if not ok:
+            raise _Mismatch("")
+        return value
+    if origin in (tuple, list, set, frozenset):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch("")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise _Mismatch(f" ({len(value)} items, not {len(args)})")
+            item_types = list(args)
+        else:
+            item_types = [args[0] if args else Any] * len(value)
+        out = []
+        for i, (t, v) in enumerate(zip(item_types, value, strict=True)):
+            try:
+                out.append(_coerce(t, v))
+            except _Mismatch:
+                raise _Mismatch(f" (item {i + 1} is {_describe(v)})") from None
+        return tuple(out) if origin is tuple else origin(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch("")
+        kt, vt = args if len(args) == 2 else (Any, Any)
+        out_d = {}
+        for k, v in value.items():
+            try:
+                out_d[_coerce(kt, k)] = _coerce(vt, v)
+            except _Mismatch:
+                raise _Mismatch(f" (key {k!r} maps to {_describe(v)})") from None
+        return out_d
+    return value
+
+
+def _typed_kwargs(cls: type, section: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw``'s values checked against ``cls``'s field annotations (before its ``__post_init__`` compares them)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        tp = hints.get(key, Any)
+        try:
+            kwargs[key] = _coerce(tp, value)
+        except _Mismatch as m:
+            hint = ""
+            if isinstance(value, str) and typing.get_origin(tp) is None and tp in (int, float):
+                try:
+                    float(value)
+                    hint = " (YAML reads a number without a decimal point in its mantissa, such as 1e-3, as a " \
+                           "string: write 1.0e-3)"
+                except ValueError:
+                    pass
+            raise ConfigError(f"section '{section}', key '{key}': expected {_expected(tp)}, got {_describe(value)}"
+                              f"{m.args[0] if m.args else ''}{hint}") from None
+    return kwargs
+
+
 def _build(cls: type, section: str, raw: dict[str, Any]) -> Any:
-    _require(isinstance(raw, dict), f"section '{section}' must be a mapping, got {type(raw).__name__}")
+    _require(isinstance(raw, dict), f"section '{section}' must be a mapping, got {_describe(raw)}")
     names = {f.name for f in fields(cls)}
     unknown = set(raw) - names
     _require(not unknown, f"unknown key(s) {sorted(unknown)} in section '{section}'; allowed: {sorted(names)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    kwargs = _typed_kwargs(cls, section, raw)
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -410,13 +523,7 @@ def _build(cls: type, section: str, raw: dict[str, Any]) -> Any:
 def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
     unknown = set(raw) - set(SECTIONS)
     _require(not unknown, f"unknown section(s) {sorted(unknown)} in profile {name!r}; allowed: {sorted(SECTIONS)}")
-    parts = {sec: _build(cls, sec, raw.get(sec) or {}) for sec, cls in SECTIONS.items()}
-    from . import arms
-
-    label_free = [a for a in parts["experiment"].arms if arms.get(a).gradient == "g_free"]
-    _require(not label_free or set(parts["harvest"].label_free_splits) == {"train", "val", "test"},
-             f"arm(s) {label_free} train and encode with the label-free gradient; set harvest.label_free_splits "
-             f"to [train, val, test]")
+    parts = {sec: _build(cls, sec, {} if raw.get(sec) is None else raw[sec]) for sec, cls in SECTIONS.items()}
     shared = set(parts["selection"].seeds) & (set(parts["experiment"].seeds) | set(parts["experiment"].curve_seeds))
     _require(not shared, f"selection.seeds {sorted(shared)} are also experiment seeds; selection must use its own")
     stray = set(parts["variants"].length_seeds) - set(parts["experiment"].seeds)
@@ -425,18 +532,50 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
     return Profile(name=name, **parts)
 
 
-def load_profile(name_or_path: str | Path) -> Profile:
-    """Load ``profiles/<name>.yaml`` (or a path to a YAML file) into a validated ``Profile``."""
+def shown_path(p: Path) -> str:
+    """``p`` as error messages name it: relative to the repository (profiles/x.yaml) when inside it."""
+    try:
+        return str(p.resolve().relative_to(PROFILES_DIR.parent))
+    except ValueError:
+        return str(p)
+
+
+def read_yaml(p: Path) -> Any:
+    """The parsed YAML file ``p``; a syntax error is one line, ``<file>:<line>:<column>: invalid YAML: ...``."""
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{shown_path(p)}:{mark.line + 1}:{mark.column + 1}" if mark else shown_path(p)
+        what = " ".join(str(e.problem or "").split()) or "syntax error"
+        context = " ".join(str(e.context or "").split())
+        raise ConfigError(f"{where}: invalid YAML: {what}{f' ({context})' if context else ''}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{shown_path(p)}: invalid YAML: {' '.join(str(e).split())}") from None
+
+
+def profile_file(name_or_path: str | Path) -> Path:
+    """The YAML file of profile ``name_or_path`` (a name in profiles/ or a path); a clear error if none."""
     p = Path(name_or_path)
     if not p.suffix:
         p = PROFILES_DIR / f"{name_or_path}.yaml"
     if not p.exists():
         known = sorted(q.stem for q in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown profile {str(name_or_path)!r}: no file {p}; known profiles: {known}")
-    with open(p) as f:
-        raw = yaml.safe_load(f) or {}
-    _require(isinstance(raw, dict), f"{p} must hold a YAML mapping")
-    return profile_from_dict(p.stem, raw)
+    return p
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load ``profiles/<name>.yaml`` (or a path to a YAML file) into a validated ``Profile``. Every error names the
+    file. (``gsae.specs.load_checked_profile`` also checks the arms it names; use that to run a profile.)"""
+    p = profile_file(name_or_path)
+    raw = read_yaml(p)
+    raw = {} if raw is None else raw
+    _require(isinstance(raw, dict), f"{shown_path(p)} must hold a YAML mapping of sections, got {_describe(raw)}")
+    try:
+        return profile_from_dict(p.stem, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{shown_path(p)}: {e}") from None
 
 
 def config_hash(*objs: Any, n: int = 12) -> str:

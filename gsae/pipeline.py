@@ -2,11 +2,12 @@
 
 COMMAND is a stage (``gsae.stages.ORDER``: contexts, harvest, train, evaluate, full_test, steer, probe, claims),
 run with the same function its notebook calls, or one of ``check`` (fail fast on what would break a run: config, model
-availability, disk; with ``--dry-run`` also the projected disk, memory and time of every stage, ``gsae.projection``),
-``clean`` (``--force``: drop the profile's stage outputs; ``--reselect``: also its selection records) and ``summary``
-(where things are). run_all.sh uses check / clean / summary and runs the stages through the notebooks.
-``extend-convergence --lengths 4 8`` continues a v2 profile's convergence curve to those multiples of the primary
-length (exploratory: no verdict reads it).
+availability, disk; with ``--dry-run`` also the projected disk, memory and time of every stage,
+``gsae.tools.projection``), ``clean`` (``--force``: drop the profile's stage outputs; ``--reselect``: also its
+selection records), ``summary`` (the verdicts in words and where everything is) and ``claims --check`` (are the
+README's answer, its claims table and claims.md what the committed metrics give? no LM needed). run_all.sh uses
+check / clean / summary and runs the stages through the notebooks. ``extend-convergence --lengths 4 8`` continues
+the convergence curve to those multiples of the primary length (exploratory: no verdict reads it).
 
 Several processes: ``torchrun --nproc_per_node=N -m gsae.pipeline STAGE --profile P`` (``harvest`` shards the
 harvest by rank, ``train`` spreads the SAE grid; README, "Scaling up"). ``--device`` overrides
@@ -22,8 +23,9 @@ import shutil
 import sys
 import traceback
 
-from .config import ConfigError, Profile, load_profile
+from .config import ConfigError, Profile
 from .paths import ROOT, figures_dir, results_dir, run_dir
+from .specs import load_checked_profile
 from .stages import ORDER
 
 
@@ -32,8 +34,8 @@ def check(p: Profile, dry_run: bool = False, emit=None) -> list[str]:
     disk. With ``dry_run`` the model and GPU need not be there, and the notes add the projected disk, memory and
     time of every stage from costs measured on the profile's device (``gsae.projection``); a disk too small for
     the harvest is refused in both modes (after the projection is shown). ``emit`` gets each note as it comes."""
-    from . import projection
     from .runtime import resolve_device
+    from .tools import projection
 
     notes: list[str] = []
 
@@ -76,11 +78,11 @@ def check(p: Profile, dry_run: bool = False, emit=None) -> list[str]:
     return notes
 
 
-SELECTION_RECORDS = ("selection.json", "selection_edges.json", "convergence.json")
-"""The selection and the convergence check (trained at the selected lr). Studies v3-v5 register v2's records as
-inputs, reused as they are (PREREG v3 §1), like the pre-registration itself; ``--force`` keeps them and only
-``--reselect`` recomputes them (under the profile's current settings, which for the default profile are no longer
-v2's evaluation subset)."""
+SELECTION_RECORDS = ("selection.json", "convergence.json")
+"""The selection and the convergence check (trained at the selected lr). The study registers these records as
+inputs, reused as they are (PREREG §1), like the pre-registration itself; ``--force`` keeps them and only
+``--reselect`` recomputes them (under the profile's current settings, which for the default profile are not the
+evaluation subset the registered records were made on)."""
 
 
 def clean(p: Profile, reselect: bool = False) -> None:
@@ -92,9 +94,57 @@ def clean(p: Profile, reselect: bool = False) -> None:
         (results_dir(p) / name).unlink(missing_ok=True)
 
 
-def summary(p: Profile) -> str:
+def where(p: Profile) -> str:
+    """Where a profile's outputs are, in one line."""
     return (f"results: {results_dir(p).relative_to(ROOT)}  figures: {figures_dir(p).relative_to(ROOT)}  "
             f"caches: {run_dir(p).relative_to(ROOT)}")
+
+
+SMOKE_NOTE = ("smoke profile: this run checks that the pipeline works end to end (a tiny LM, a few thousand tokens); "
+              "its verdicts test the code, not the claims.")
+
+
+def summary(p: Profile) -> str:
+    """What a run ends with: the verdicts in words (from ``ledger.json``) and where the notebooks, figures, SAEs,
+    dashboards and the full ledger are."""
+    rel = lambda path: path.relative_to(ROOT).as_posix()  # noqa: E731
+    out = [SMOKE_NOTE] if p.name == "smoke" else []
+    ledger_path = results_dir(p) / "ledger.json"
+    if ledger_path.exists():
+        import json
+
+        record = json.loads(ledger_path.read_text())
+        out.append(f"verdicts ({rel(ROOT / 'prereg.yaml')} applied to {rel(results_dir(p) / 'metrics.jsonl')}; gains "
+                   f"positive = g-SAE better, deciding intervals):")
+        for c in record["claims"]:
+            tests = "; ".join(
+                f"{t['test']} {'—' if t['estimate'] != t['estimate'] else _effect(t)}" for t in c["primary"])
+            out.append(f"  {c['claim']} {c['title']}: {c['verdict'].upper()} ({tests})")
+    notebooks = ROOT / "notebooks" if p.name == "default" else run_dir(p) / "notebooks"
+    out += [f"notebooks: {rel(notebooks)}/  figures: {rel(figures_dir(p))}/  full ledger: "
+            f"{rel(results_dir(p) / 'claims.md')}",
+            f"released SAEs: {rel(ROOT / 'saes' / p.name)}/  dashboards: {rel(results_dir(p) / 'dashboards')}/  "
+            f"every trained SAE: {rel(run_dir(p) / 'saes')}/"]
+    return "\n".join(out)
+
+
+def _effect(t: dict) -> str:
+    if t["half_width_pct"] != t["half_width_pct"]:  # an equivalence test: a difference in the metric's units
+        return f"{t['estimate']:+.4f} [{t['lower']:+.4f}, {t['upper']:+.4f}]"
+    return f"{100 * t['estimate']:+.1f}% [{100 * t['lower']:+.1f}%, {100 * t['upper']:+.1f}%]"
+
+
+def setup(profile: str) -> Profile:
+    """A notebook's one setup call: offline and quiet defaults, the validated profile, and where its outputs are."""
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    p = load_checked_profile(profile)
+    print(where(p))
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=("check", "clean", "summary", "extend-convergence") + ORDER)
     ap.add_argument("--profile", default="default")
     ap.add_argument("--dry-run", action="store_true", help="check only: validate without needing the model/GPU")
+    ap.add_argument("--check", action="store_true",
+                    help="claims only: exit 1 with a diff if the generated README blocks or claims.md are stale")
+    ap.add_argument("--from-results", action="store_true",
+                    help="claims only: regenerate ledger.json, claims.md and the README blocks from the committed "
+                         "metrics.jsonl, without the LM")
     ap.add_argument("--reselect", action="store_true",
                     help="clean: also drop the selection and convergence records, so that they are recomputed")
     ap.add_argument("--device", help="override runtime.device: auto, cpu, cuda or cuda:N")
@@ -109,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="extend-convergence: multiples of the primary training length")
     a = ap.parse_args(argv)
     try:
-        p = load_profile(a.profile)
+        p = load_checked_profile(a.profile)
         if a.device:
             p = dataclasses.replace(p, runtime=dataclasses.replace(p.runtime, device=a.device))
         if a.command == "check":
@@ -118,12 +173,23 @@ def main(argv: list[str] | None = None) -> int:
             clean(p, a.reselect)
         elif a.command == "summary":
             print(summary(p))
+        elif a.command == "claims" and a.from_results:
+            from .stages import claims
+
+            claims.rewrite(p)
+            print(summary(p))
+        elif a.command == "claims" and a.check:
+            from .stages import claims
+
+            stale = claims.check(p)
+            print("\n".join(stale) if stale else "README answer, claims table and claims.md are up to date")
+            return 1 if stale else 0
         elif a.command == "extend-convergence":
             from .stages import load_lm
             from .stages.selection import extend_convergence
 
-            if p.selection.protocol != "per_arm" or not (results_dir(p) / "convergence.json").exists():
-                raise ConfigError(f"extend-convergence needs a per_arm profile whose convergence check has run "
+            if not (results_dir(p) / "convergence.json").exists():
+                raise ConfigError(f"extend-convergence needs a profile whose convergence check has run "
                                   f"({results_dir(p) / 'convergence.json'}); run notebook 02 or the train stage first")
             extend_convergence(p, load_lm(p), tuple(a.lengths))
         else:

@@ -1,11 +1,16 @@
 """Released SAEs: the primary-k, first-seed SAE of every arm as a SAELens directory, loadable in one line.
 
     import gsae
-    sae = gsae.load_pretrained("default/gsae-k32-s0")   # a SAELens GTopKSAE; "default/topk-k32-s0" is a TopKSAE
+    sae = gsae.load_pretrained("default/gsae-k32-s0")   # a SAELens TopKSAE (GTopKSAE: + encode_with_grad)
 
-``export_release(p, lm, specs)`` writes ``saes/<profile>/<arm>-k<k>-s<seed>/`` (``cfg.json`` +
-``sae_weights.safetensors``) for the profile's selection k (``experiment.beta_select_k``) and first seed, and
-``saes/<profile>/release.json`` (what was released, sha256 of every file, and the fp16 check below).
+Every released SAE of the built-in arms is SAELens' stock ``"topk"`` architecture, so
+``sae_lens.SAE.load_from_disk(<directory>)`` loads it without gsae (a ``TopKSAE``, whose ``encode`` is the
+plain-encode); a g-SAE's gradient settings and its arm are cfg.json metadata entries, which ``load_pretrained``
+reads to add the g-encode (``encode_with_grad``).
+
+``export_release(p, lm, specs, rows)`` (the ``release`` stage) writes ``saes/<profile>/<arm>-k<k>-s<seed>/``
+(``cfg.json`` + ``sae_weights.safetensors``) for the profile's selection k (``experiment.beta_select_k``) and first
+seed, and ``saes/<profile>/release.json`` (what was released, sha256 of every file, and the fp16 check below).
 
 Weights are stored in fp16 (half the bytes in git) only if the SAE loaded back from the written fp16 files encodes
 and reconstructs the test split's rows like the trained fp32 SAE, for every encoder the arm reports (``TOLERANCE``):
@@ -34,6 +39,8 @@ from .paths import ROOT
 
 SAES_ROOT = ROOT / "saes"
 """Where released SAEs live: ``saes/<profile>/<arm>-k<k>-s<seed>``. Only saes/default is committed."""
+COMMITTED_PROFILES = ("default",)
+"""The profiles whose released SAEs are committed to git (a corrupted one is restored with git checkout)."""
 RELEASE_FILE = "release.json"
 WEIGHTS = "sae_weights.safetensors"
 MODEL_DESCRIPTIONS = {
@@ -44,6 +51,13 @@ MODEL_DESCRIPTIONS = {
     "gpt2": "GPT-2 small from the Hugging Face Hub, TransformerLens HookedTransformer 'gpt2'",
 }
 """The exact LM behind each profile model name, written into every released cfg.json."""
+
+
+ENCODERS_NOTE = ("encode(x): plain-encode (TopK on z; stock SAELens computes it); g-SAE only, with gsae: "
+                 "gsae.load_pretrained(...).encode_with_grad(x, g): g-encode, g = d(sum of next-token CE over the "
+                 "context)/dx at hook_name, unscaled (metadata grad_scale is applied inside; metadata beta, "
+                 "value_mode, grad_norm: the selection s = z + beta z |W_dec g~|)")
+"""The ``encoders`` entry of every released cfg.json's metadata."""
 
 
 class ReleaseError(RuntimeError):
@@ -109,22 +123,31 @@ def release_path(name: str, root: str | Path | None = None) -> Path:
     return path
 
 
+def restore_hint(path: Path) -> str:
+    """What to do about a corrupted released SAE at ``path`` (``saes/<profile>/<name>``): the committed profile's
+    files come back from git; any other profile's are re-exported."""
+    profile, name = path.parent.name, path.name
+    if profile in COMMITTED_PROFILES:
+        return f"restore the committed files: git checkout -- saes/{profile}/{name}"
+    return f"re-export them: python -m gsae.pipeline release --profile {profile}"
+
+
 def load_pretrained(name: str, device: str = "cpu", root: str | Path | None = None):
-    """The released SAE ``name`` as a SAELens SAE (``TopKSAE``, or ``GTopKSAE`` for a g-SAE), in float32.
+    """The released SAE ``name`` as a SAELens SAE in float32: a stock ``TopKSAE``, or for a g-SAE a ``GTopKSAE``
+    (the same TopKSAE plus ``encode_with_grad(x, g)``, the g-encode).
 
     Its files are checked against the sha256 values in the profile's release.json. ``sae.cfg.metadata`` names
-    the exact LM, hook, context size and how the SAE was made."""
-    from sae_lens import SAE
-
-    from . import arms  # noqa: F401  (registers the g-SAE's SAELens architecture)
+    the exact LM, hook, context size and how the SAE was made (a g-SAE's: also arm, beta, value_mode, grad_norm,
+    grad_scale)."""
+    from .arms.saelens import load_saelens
 
     path = release_path(name, root)
     record = path.parent / RELEASE_FILE
     if record.is_file():
         entry = json.loads(record.read_text())["saes"].get(path.name)
         for file, sha in (entry or {}).get("sha256", {}).items():
-            io.check_sha256(path / file, sha, rebuild_hint="re-export it (gsae.release.export_release)")
-    return SAE.load_from_disk(path, device=device)
+            io.check_sha256(path / file, sha, rebuild_hint=restore_hint(path))
+    return load_saelens(path, device=device)[1]
 
 
 # ------------------------------------------------------------------------------------------------ checking
@@ -184,9 +207,7 @@ def write_release(arm: Any, sae: nn.Module, path: str | Path, x: Tensor, g: Tens
     """Write ``sae`` (the arm's trained fp32 module) as a SAELens directory at ``path`` with ``metadata`` in its
     cfg.json; fp16 weights if the loaded fp16 files reconstruct ``x`` within ``tolerance`` for every encoder of
     the arm, else fp32. Returns what was written and the measured errors."""
-    from sae_lens import SAE
-
-    from .saelens import save_sae
+    from .arms.saelens import load_saelens, save_sae
 
     if weights_dtype not in ("float16", "float32"):
         raise ValueError(f"weights_dtype must be 'float16' or 'float32', got {weights_dtype!r}")
@@ -200,7 +221,7 @@ def write_release(arm: Any, sae: nn.Module, path: str | Path, x: Tensor, g: Tens
             _to_fp16(path)
         cfg = json.loads((path / "cfg.json").read_text())
         io.write_json(path / "cfg.json", cfg)  # indented, for people reading it on GitHub
-        loaded = SAE.load_from_disk(path)
+        loaded = load_saelens(path)[1]
         return {m: reconstruction_error(reference, loaded, x, gm) for m, gm in encoders.items()}
 
     fp16_error: dict[str, ReconstructionError] = {}
@@ -219,6 +240,12 @@ def model_info(lm: Any) -> dict[str, Any]:
     return public_info(lm.info)
 
 
+def load_note(name: str) -> str:
+    """The ``load`` entry of released SAE ``name``'s cfg.json metadata."""
+    return (f"import gsae; sae = gsae.load_pretrained({name!r})  # or, without gsae: "
+            f"sae_lens.SAE.load_from_disk(<this directory>), a stock TopKSAE (plain-encode)")
+
+
 def release_metadata(p: Any, lm: Any, spec: Any, name: str) -> dict[str, Any]:
     """cfg.json metadata of a released SAE: the exact LM and hook, how to load it, where it came from."""
     mh = lm.info["model_hash"]
@@ -226,32 +253,28 @@ def release_metadata(p: Any, lm: Any, spec: Any, name: str) -> dict[str, Any]:
             "model_hash": mh, **({"model_file": lm.info["gguf"]} if "gguf" in lm.info else {}),
             "hook_name": p.model.hook_name, "hook_layer": p.model.layer,
             "context_size": p.data.ctx_len, "prepend_bos": False,
-            "load": f"import gsae; sae = gsae.load_pretrained({name!r})  # or: import gsae.arms; "
-                    f"sae_lens.SAE.load_from_disk(<this directory>)",
+            "load": load_note(name),
             "load_model": f"from gsae import stages; from gsae.config import load_profile; "
                           f"lm = stages.load_lm(load_profile({p.name!r}))  # lm.model: the HookedTransformer",
-            "encoders": "encode(x): plain-encode (TopK on z); GTopKSAE.encode_with_grad(x, g): g-encode, g = "
-                        "d(sum of next-token CE over the context)/dx at hook_name, unscaled (cfg.grad_scale "
-                        "is applied inside)",
+            "encoders": ENCODERS_NOTE,
             "release": name, "profile": p.name, "sae": spec.name, "arm": spec.arm, "k": spec.k,
             "seed": spec.seed, "train_tokens": spec.train.tokens, "lr": spec.train.lr,
             "positions": "position 0 and the last position of each context were excluded in training",
             "git_commit": io.git_commit()["commit"]}
 
 
-def export_release(p: Any, lm: Any, specs: list[Any], root: str | Path | None = None,
+def export_release(p: Any, lm: Any, specs: list[Any], rows: Any, root: str | Path | None = None,
                    weights_dtype: str = "float16", tolerance: Tolerance = TOLERANCE) -> dict[str, Released]:
     """Release the primary SAE of every arm at the selection k and the first seed under ``root/<profile>``
-    (default ``SAES_ROOT``), checked on the test split's harvested rows; writes ``release.json`` beside them."""
+    (default ``SAES_ROOT``), checked on ``rows`` (the test split's harvested rows, with ``x`` and ``g``); writes
+    ``release.json`` beside them."""
     from .specs import load_trained
-    from .stages.harvest import reader
 
     k, seed = p.experiment.beta_select_k, p.experiment.seeds[0]
     chosen = [s for s in specs if s.group == "primary" and s.k == k and s.seed == seed]
     if not chosen:
         raise ReleaseError(f"no primary SAE at k={k}, seed {seed} among the {len(specs)} specs; run the train stage")
     mh = lm.info["model_hash"]
-    rows = reader(p, "test", mh).load_all()
     out_dir = (Path(root) if root is not None else SAES_ROOT) / p.name
     out: dict[str, Released] = {}
     for s in chosen:
@@ -274,3 +297,33 @@ def export_release(p: Any, lm: Any, specs: list[Any], root: str | Path | None = 
                  for n, r in out.items()},
         "provenance": io.provenance(profile=p.to_dict(), model=model_info(lm))})
     return out
+
+
+def upgrade_release(profile_dir: str | Path) -> list[str]:
+    """Bring the cfg.json of every SAE released under ``profile_dir`` (``saes/<profile>``) to the current format
+    without re-exporting: an arm's legacy format is rewritten in its current one (a g-SAE's "gtopk" becomes the
+    stock "topk" with its gradient settings in the metadata, ``gsae.arms.saelens.upgrade_saved``), the metadata's
+    ``load`` and ``encoders`` notes are refreshed, and release.json records the new cfg.json sha256 (checked
+    against the old one first). The weights files are never touched. Returns the released names rewritten."""
+    from .arms.saelens import CFG_FILE, read_cfg, upgrade_saved
+
+    profile_dir = Path(profile_dir)
+    record = io.read_json(profile_dir / RELEASE_FILE)
+    changed = []
+    for dirname, entry in record["saes"].items():
+        path = profile_dir / dirname
+        io.check_sha256(path / CFG_FILE, entry["sha256"][CFG_FILE], rebuild_hint=restore_hint(path))
+        upgraded = upgrade_saved(path)
+        cfg = read_cfg(path)
+        meta = cfg["metadata"]
+        notes = {"load": load_note(meta.get("release", entry["name"])), "encoders": ENCODERS_NOTE}
+        if upgraded or any(meta.get(k) != v for k, v in notes.items()):
+            io.write_json(path / CFG_FILE, {**cfg, "metadata": {**meta, **notes}})
+            entry["sha256"][CFG_FILE] = io.sha256_file(path / CFG_FILE)
+            changed.append(entry["name"])
+    if changed:
+        record["cfg_upgraded"] = ("cfg.json rewritten after the export by gsae.release.upgrade_release (weights "
+                                  "untouched): every SAE is SAELens' stock topk, a g-SAE's gradient settings and "
+                                  "arm are metadata entries")
+        io.write_json(profile_dir / RELEASE_FILE, record)
+    return changed

@@ -13,8 +13,33 @@ from pathlib import Path
 from typing import Any
 
 from . import arms, io
-from .config import Profile, SAEConfig, TrainConfig, config_hash
+from .config import ConfigError, Profile, SAEConfig, TrainConfig, config_hash, load_profile, profile_file, shown_path
 from .paths import run_dir
+
+
+def check_profile(p: Profile) -> Profile:
+    """``p`` once its arms are checked against the registry (``gsae.config`` never imports the arms): every name in
+    ``experiment.arms`` is a registered arm, and an arm fed the label-free gradient has it harvested on every
+    split. Raises ``ConfigError``; returns ``p``."""
+    unknown = [a for a in p.experiment.arms if a not in arms.names()]
+    if unknown:
+        raise ConfigError(f"experiment.arms names {unknown}, which are not registered arms; registered arms: "
+                          f"{sorted(arms.names())}")
+    label_free = [a for a in p.experiment.arms if arms.get(a).gradient == "g_free"]
+    if label_free and set(p.harvest.label_free_splits) != {"train", "val", "test"}:
+        raise ConfigError(f"arm(s) {label_free} train and encode with the label-free gradient; set "
+                          f"harvest.label_free_splits to [train, val, test]")
+    return p
+
+
+def load_checked_profile(name_or_path: str | Path) -> Profile:
+    """``gsae.config.load_profile`` plus ``check_profile``: the profile as the pipeline and the notebooks run it
+    (errors name the file)."""
+    p = load_profile(name_or_path)
+    try:
+        return check_profile(p)
+    except ConfigError as e:
+        raise ConfigError(f"{shown_path(profile_file(name_or_path))}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -54,23 +79,6 @@ def sae_config(p: Profile, arm: str, d_in: int, k: int, grad_scale: float, **own
 
 def baseline_arm(p: Profile) -> str:
     return p.experiment.arms[0]
-
-
-def selection_specs(p: Profile, d_in: int, grad_scale: float, lr: float | None = None) -> list[SAESpec]:
-    """Validation trials at (beta_select_k, beta_select_seed) (PREREG §3): the baseline arm's lr trials (``lr``
-    None), or, at the chosen ``lr``, a trial per value of each other arm's own hyperparameter grid."""
-    k, s = p.experiment.beta_select_k, p.experiment.beta_select_seed
-    if lr is None:
-        base = baseline_arm(p)
-        return [SAESpec("selection", base, k, s, sae_config(p, base, d_in, k, grad_scale),
-                        replace(p.train, seed=s, lr=p.train.lr * m), f"lr{m:g}")
-                for m in p.selection.lr_multipliers]
-    specs = []
-    for name in p.experiment.arms:
-        for hp, grid in arms.get(name).hyperparameter_grid(p.experiment).items():
-            specs += [SAESpec("selection", name, k, s, sae_config(p, name, d_in, k, grad_scale, **{hp: v}),
-                              replace(p.train, seed=s, lr=lr), f"{hp}{v:g}") for v in grid]
-    return specs
 
 
 def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str, dict[str, float]],
@@ -144,7 +152,7 @@ def stage_file(p: Profile, stage: str, split: str = "test", code: str = "") -> s
 def load_trained(p: Profile, spec: SAESpec, model_hash: str, device: Any = None):
     """The trained SAE of ``spec`` (integrity-checked against its manifest), as its arm's module, on ``device``
     (default CPU)."""
-    from .saelens import load_sae
+    from .arms.saelens import load_sae
 
     d = sae_dir(p, spec, model_hash)
     io.verify_manifest(d, rebuild_hint=f"delete {d} and re-run the train stage")

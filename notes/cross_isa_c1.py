@@ -6,7 +6,7 @@ The committed study ran on AMD EPYC vCPUs where torch dispatches to AVX2 kernels
 to AVX-512 the LM's float sums round differently, so the harvest differs in its last bits and every SAE trained on
 it differs (training is chaotic). This script does what a fresh clone there does for C1 -- reuses the committed
 selection record, trains the primary SAEs at the primary k (16 seeds x 2 arms) on this machine's harvest, scores
-them on all 400 test contexts (``full_test``) -- and applies PREREG v5's C1 tests (``gsae.ledger.run_test``) to
+them on all 400 test contexts (``full_test``) -- and applies PREREG v5's C1 tests (``gsae.analysis.ledger.run_test``) to
 them, beside the committed ledger's numbers. C2-C4, the curve and the robustness rows are not rerun.
 Needs the default profile's harvest on this machine; ≈ 35 min on 2 cores.
 """
@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from gsae import ledger
-from gsae.claims import _index
+from gsae.analysis import ledger
+from gsae.analysis.rows import index_rows
 from gsae.config import load_profile
 from gsae.paths import results_dir
 from gsae.stages import load_lm
@@ -60,7 +60,7 @@ def main() -> int:
                  for s in specs]
         print(f"{t['metric']}: per SAE, this machine / committed - 1: median |.| {np.median(np.abs(diffs)):.2%}, "
               f"max |.| {np.max(np.abs(diffs)):.2%} over {len(diffs)} SAEs")
-    index = _index(rows)
+    index = index_rows(rows)
     verdicts = []
     for k in primary_k:
         for t in tests:

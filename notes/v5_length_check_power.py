@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gsae import decision, ledger
+from gsae.analysis import decision, ledger
 
 SD_V4 = {"delta_ce_all (plain)": 0.0294, "kl_all (plain)": 0.0119}  # study v4's length check, n = 16
 MARGIN, ALPHA, FAMILY, N_SIMS = 0.05, 0.05, 2, 20000

@@ -7,7 +7,7 @@ As a script (what torchrun launches):  python tests/scale_helpers.py ROOT PROFIL
 Environment: GSAE_TEST_SLOW=<seconds> sleeps before every LM capture (so a test can kill a rank mid-harvest);
 every rank writes its pid to ROOT/pid_rank<RANK>.
 
-The LM is a 2-block random HookedTransformer over the byte tokenizer (``gsae.standins``), on the CPU, patched in
+The LM is a 2-block random HookedTransformer over the byte tokenizer (``gsae.tools.standins``), on the CPU, patched in
 for ``gsae.models.load_model``; the corpus is OpenWebText-shaped local text (``data.source``).
 """
 
@@ -37,8 +37,8 @@ PROFILE = {
     "train": {"tokens": 512, "batch_size": 128, "lr": 0.004, "warmup_frac": 0.1, "decay_frac": 0.2,
               "aux_coef": 0.03125, "dead_tokens": 256, "seed": 0, "checkpoint_every": 2},
     "experiment": {"expansion": 2, "k_grid": [4, 8], "seeds": [0, 1, 2], "beta_grid": [0.3, 1.0],
-                   "beta_select_k": 4, "beta_select_seed": 0},
-    "selection": {"lr_multipliers": [1.0, 2.0]},
+                   "beta_select_k": 4},
+    "selection": {"lr_multipliers": [1.0, 2.0], "seeds": [100], "max_extensions": 0},
     "variants": {"k_grid": [4], "seeds": [0]},
     "eval": {"batch_contexts": 8, "lm_contexts": 10},
     "steering": {"n_latents": 4, "n_contexts": 2, "alphas": [0.5], "top_tokens": 3},
@@ -49,7 +49,7 @@ PROFILE = {
 
 def write_profile(tmp: Path, name: str = "scale", **sections: dict) -> Path:
     """A profile YAML in ``tmp`` (with its own local corpus), ``sections`` overriding ``PROFILE``'s."""
-    from gsae.standins import write_openwebtext_like
+    from gsae.tools.standins import write_openwebtext_like
 
     corpus = write_openwebtext_like(tmp / "owt.jsonl", n_docs=60, seed=0, mean_words=60)
     raw = {k: dict(v) for k, v in PROFILE.items()}
@@ -66,7 +66,7 @@ def tiny_lm():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from gsae.models import wrap_model
-    from gsae.standins import byte_tokenizer
+    from gsae.tools.standins import byte_tokenizer
 
     model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64,
                                                       d_vocab=257, n_ctx=32, act_fn="gelu", normalization_type="LN",

@@ -15,7 +15,9 @@ from sae_lens import SAE, TopKSAE, TopKSAEConfig
 from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from gsae import arms, evals, figures, saelens, specs
+from gsae import arms, evals, specs
+from gsae.analysis import figures
+from gsae.arms import saelens
 from gsae.arms.topk import TopKArm
 from gsae.config import TrainConfig, profile_from_dict
 from gsae.lm import capture
@@ -52,7 +54,7 @@ class L1TopKArm(TopKArm):
         return base._replace(total=base.total + self.l1_coef * l1, terms={**base.terms, "l1": l1})
 
     def to_saelens(self, sae, metadata=None):
-        from gsae.saelens import topk_saelens_fields
+        from gsae.arms.saelens import topk_saelens_fields
 
         out = L1TopKSAE(L1TopKSAEConfig(**topk_saelens_fields(sae.cfg, metadata)))
         out.load_state_dict({k: v.detach().clone() for k, v in sae.state_dict().items()})
@@ -84,7 +86,7 @@ def test_a_registered_arm_runs_train_save_saelens_load_evaluate(l1_arm, tmp_path
     # config and specs accept it by name; specs never need to know what it is
     raw = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())
     raw["experiment"]["arms"] = ["topk", "l1topk"]
-    p = profile_from_dict("dummy", raw)
+    p = specs.check_profile(profile_from_dict("dummy", raw))
     grid = specs.experiment_specs(p, 16, 1.0, {}, 1e-3)
     assert {s.arm for s in grid} == {"topk", "l1topk"} and all(s.sae.beta == 0 for s in grid)
 
@@ -136,3 +138,34 @@ def test_unknown_arm_is_a_clear_error():
         arms.get("jumprelu")
     with pytest.raises(KeyError, match="no registered arm saves"):
         arms.by_architecture("jumprelu")
+
+
+def test_the_saved_arm_comes_from_the_metadata_when_several_arms_save_one_architecture():
+    """The g-SAE and the TopK arm both save SAELens' "topk": the metadata's ``arm`` tells them apart; without one
+    (a SAELens SAE made elsewhere) "topk" is the TopK arm; the old "gtopk" is the g-SAE's."""
+    assert arms.get("gsae").architecture == arms.get("topk").architecture == "topk"
+    assert arms.by_architecture("topk").name == "topk"
+    assert arms.by_architecture("topk", {"hook_name": "h"}).name == "topk"
+    assert arms.by_architecture("topk", {"arm": "gsae"}).name == "gsae"
+    assert arms.by_architecture("topk", {"arm": "gsae_free"}).name == "gsae_free"
+    assert arms.by_architecture("gtopk").name == "gsae"
+    assert arms.by_architecture("gtopk", {"arm": "gsae_free"}).name == "gsae_free"
+    with pytest.raises(KeyError, match="metadata names arm 'l1topk'.*import the module that registers it"):
+        arms.by_architecture("topk", {"arm": "l1topk"})
+    with pytest.raises(KeyError, match="metadata names arm 'topk'"):
+        arms.by_architecture("gtopk", {"arm": "topk"})  # the TopK arm never wrote "gtopk"
+
+
+def test_the_arm_modules_import_the_registry_not_the_package():
+    """gsae/arms/__init__.py imports its arm modules (registration); they import gsae.arms.registry, so the static
+    import graph of the package has no cycle."""
+    import ast
+
+    for name in ("gsae", "topk", "saelens", "registry"):
+        tree = ast.parse((ROOT / "gsae" / "arms" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module is not None, f"gsae/arms/{name}.py imports the package gsae.arms itself"
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert not node.module.startswith("gsae.arms"), name
+    assert arms.Arm is arms.registry.Arm and arms.get is arms.registry.get

@@ -1,11 +1,12 @@
-"""gsae.bench --quick runs end to end and writes well-formed JSON (speed itself is not asserted: noisy machine)."""
+"""gsae.tools.bench --quick runs end to end and writes well-formed JSON (speed itself is not asserted: a noisy
+machine)."""
 
 import json
 import math
 import re
 from pathlib import Path
 
-from gsae import bench
+from gsae.tools import bench
 
 
 def test_quick_bench_writes_well_formed_json(tmp_path, capsys):
@@ -47,11 +48,11 @@ def test_readme_table_reads_each_column_from_its_json():
     assert table[-1] == "| harvest / bare LM forward+backward (m, `blocks.3.hook_resid_pre`) | 1.23 | 1.23 |"
 
 
-def test_readme_performance_table_is_the_committed_bench_jsons():
-    """The README's table is rendered from results/bench/*.json (the command is quoted above the table)."""
+def test_performance_table_is_the_committed_bench_jsons():
+    """docs/performance.md's table is rendered from results/bench/*.json (the command is quoted above the table)."""
     root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "performance.md").read_text()
     block = readme.split("<!-- bench:start -->\n", 1)[1].split("\n<!-- bench:end -->", 1)[0]
-    command = re.search(r"`python -m gsae\.bench --readme ([^`]+)`", readme).group(1).split()
+    command = re.search(r"`python -m gsae\.tools\.bench --readme ([^`]+)`", readme).group(1).split()
     assert command, "the README names the JSONs its table comes from"
     assert block == bench.readme_table([json.loads((root / p).read_text()) for p in command])

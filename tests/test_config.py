@@ -3,13 +3,15 @@
 import os
 import subprocess
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from gsae import pipeline
-from gsae.config import SECTIONS, ConfigError, load_profile, profile_from_dict
+from gsae import config, pipeline, specs
+from gsae.config import SECTIONS, ConfigError, config_hash, load_profile, profile_from_dict
 from gsae.stages.contexts import rows_per_context
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +23,7 @@ def smoke_raw() -> dict:
 
 def with_change(section: str, **kw) -> dict:
     raw = smoke_raw()
-    raw[section] = {**raw[section], **kw}
+    raw[section] = {**raw.get(section, {}), **kw}
     return raw
 
 
@@ -45,7 +47,6 @@ BAD = [
     (with_change("experiment", beta_grid=[-1.0]), "beta_grid"),
     (with_change("variants", length_multiplier=1.0), "length_multiplier"),
     ({**smoke_raw(), "model": {"name": "tiny", "layers": 3}}, "unknown key"),
-    (with_change("experiment", arms=["topk", "jumprelu"]), "registered arms"),
     (with_change("experiment", arms=["topk"]), "two or more"),
     (with_change("steering", alphas=[]), "steering.alphas"),
     (with_change("eval", batch_contexts=0), "eval.batch_contexts"),
@@ -98,7 +99,7 @@ def test_the_shipped_profiles_are_valid():
 def test_paper_profile_fails_fast_offline_but_dry_run_validates(monkeypatch):
     from test_projection import COSTS
 
-    from gsae import projection
+    from gsae.tools import projection
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(projection, "measure_costs", lambda p, device: COSTS)  # measured for real in test_projection
@@ -132,3 +133,126 @@ def test_cli_check_exits_2_with_the_message_and_writes_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gsae.pipeline", "check", "--profile", "nonexistent"], cwd=ROOT,
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "unknown profile" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------ value types, YAML syntax
+def write_profile(tmp_path, section: str, **kw) -> Path:
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(with_change(section, **kw)))
+    return path
+
+
+TYPE_ERRORS = [  # (section, key, YAML value, message after "<file>: ")
+    ("train", "lr", "0.00l", "section 'train', key 'lr': expected a float, got the string '0.00l'"),
+    ("train", "lr", "1e-3", "section 'train', key 'lr': expected a float, got the string '1e-3' (YAML reads a "
+                            "number without a decimal point in its mantissa, such as 1e-3, as a string: write 1.0e-3)"),
+    ("train", "tokens", 1.5, "section 'train', key 'tokens': expected an integer, got the float 1.5"),
+    ("train", "seed", True, "section 'train', key 'seed': expected an integer, got the boolean true"),
+    ("model", "name", 3, "section 'model', key 'name': expected a string, got the integer 3"),
+    ("runtime", "tf32", "yes", "section 'runtime', key 'tf32': expected true or false, got the string 'yes'"),
+    ("experiment", "k_grid", 8, "section 'experiment', key 'k_grid': expected a list of integers, got the integer 8"),
+    ("experiment", "k_grid", [8, "16"], "section 'experiment', key 'k_grid': expected a list of integers, got the "
+                                        "list [8, '16'] (item 2 is the string '16')"),
+    ("data", "split_fracs", [0.5, 0.5], "section 'data', key 'split_fracs': expected a list of 3 floats, got the "
+                                        "list [0.5, 0.5] (2 items, not 3)"),
+    ("harvest", "tokens", {"train": "many"}, "section 'harvest', key 'tokens': expected a mapping of strings to "
+                                             "integers, got the mapping {'train': 'many'} (key 'train' maps to the "
+                                             "string 'many')"),
+    ("eval", "massive", None, "section 'eval', key 'massive': expected a string, got null"),
+]
+
+
+@pytest.mark.parametrize("section,key,value,msg", TYPE_ERRORS, ids=[f"{s}.{k}={v!r}" for s, k, v, _ in TYPE_ERRORS])
+def test_a_value_of_the_wrong_type_names_file_section_key_expected_type_and_value(tmp_path, section, key, value, msg):
+    path = write_profile(tmp_path, section, **{key: value})
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    assert str(err.value) == f"{path}: {msg}"
+
+
+def test_inside_the_repository_the_file_is_named_from_the_root():
+    assert config.shown_path(config.PROFILES_DIR / "x.yaml") == "profiles/x.yaml"
+
+
+def test_ints_are_floats_lists_are_tuples_and_the_hash_is_unchanged(tmp_path):
+    """An integer is a valid float and is kept as written (so config_hash, which keys every cache, is what it was
+    before types were checked); a YAML list becomes the tuple the field holds."""
+    p = load_profile(write_profile(tmp_path, "train", lr=1, max_norm_factor=10))
+    assert p.train.lr == 1 and type(p.train.lr) is int and type(p.train.max_norm_factor) is int
+    assert type(p.experiment.k_grid) is tuple and type(p.data.split_fracs) is tuple
+    for name in ("smoke", "default", "paper"):  # against the sections built as before: lists -> tuples, nothing else
+        raw = yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text())
+        p = load_profile(name)
+        for section, cls in SECTIONS.items():
+            before = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in (raw.get(section) or {}).items()})
+            assert config_hash(getattr(p, section)) == config_hash(before), (name, section)
+
+
+def test_optional_and_union_annotations_are_checked_too():
+    @dataclass(frozen=True)
+    class Section:
+        a: int | None = None
+        b: typing.Optional[float] = None  # noqa: UP045 (the spelling under test)
+        c: tuple[int, str] = (0, "")
+        d: typing.Any = None
+
+    assert config._build(Section, "s", {"a": None, "b": 2, "c": [1, "x"], "d": object}) == \
+        Section(None, 2, (1, "x"), object)
+    with pytest.raises(ConfigError, match=r"^section 's', key 'a': expected an integer or null, got the string 'x'$"):
+        config._build(Section, "s", {"a": "x"})
+    with pytest.raises(ConfigError, match=r"key 'c': expected a list of 2 items: an integer, a string, got the list "
+                                          r"\[1, 2\] \(item 2 is the integer 2\)"):
+        config._build(Section, "s", {"c": [1, 2]})
+
+
+YAML_ERRORS = [  # (text, line, column, problem): line and column of the offending character, counted by hand
+    ("model:\n  name: tiny\n   layer: 1\n", 3, 9, "mapping values are not allowed here"),
+    ("train:\n  lr: 0.001\n  tokens: [1, 2\n", 4, 1, "expected ',' or ']', but got '<stream end>' (while parsing a "
+                                                   "flow sequence)"),
+    ("a: 'open\n", 2, 1, "found unexpected end of stream (while scanning a quoted scalar)"),
+]
+
+
+@pytest.mark.parametrize("text,line,column,problem", YAML_ERRORS)
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, text, line, column, problem):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    assert str(err.value) == f"{path}:{line}:{column}: invalid YAML: {problem}"
+
+
+def test_the_cli_prints_a_config_error_as_one_line(tmp_path):
+    bad = write_profile(tmp_path, "train", lr="0.00l")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  name: tiny\n   layer: 1\n")
+    for path, msg in ((bad, f"{bad}: section 'train', key 'lr': expected a float, got the string '0.00l'"),
+                      (broken, f"{broken}:3:9: invalid YAML: mapping values are not allowed here")):
+        out = subprocess.run([sys.executable, "-m", "gsae.pipeline", "check", "--profile", str(path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 2 and out.stderr == f"error: {msg}\n"
+
+
+# ------------------------------------------------------------------------------------------ arms: gsae.specs
+def test_config_never_imports_the_arms_and_the_arm_checks_live_in_specs(tmp_path):
+    code = "import sys; from gsae.config import load_profile; load_profile('default'); " \
+           "print(sorted(m for m in sys.modules if m.startswith('gsae.arms')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    raw = with_change("experiment", arms=["topk", "jumprelu"])
+    p = profile_from_dict("x", raw)  # a well-formed profile; only the registry knows "jumprelu"
+    with pytest.raises(ConfigError, match=r"experiment.arms names \['jumprelu'\], which are not registered arms; "
+                                          r"registered arms: \[.*'gsae'.*'topk'"):
+        specs.check_profile(p)
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"^{path}: experiment.arms names \['jumprelu'\]"):
+        specs.load_checked_profile(path)
+    free = with_change("experiment", arms=["topk", "gsae_free"])
+    free["harvest"]["label_free_splits"] = ["val", "test"]
+    with pytest.raises(ConfigError, match="set harvest.label_free_splits to \\[train, val, test\\]"):
+        specs.check_profile(profile_from_dict("x", free))
+    free["harvest"]["label_free_splits"] = ["train", "val", "test"]
+    assert specs.check_profile(profile_from_dict("x", free)).experiment.arms == ("topk", "gsae_free")
+    for name in ("smoke", "default", "paper"):
+        assert specs.load_checked_profile(name) == load_profile(name)

@@ -7,20 +7,17 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from gsae.config import ConfigError, SAEConfig
-from gsae.dashboard import (
+from gsae.analysis.dashboard import (
     DashboardConfig,
     SelectionChange,
     SparseCodes,
     build_dashboard,
-    find_chromium,
     latent_stats,
     pick_latents,
-    render_html,
-    screenshot,
     selection_change,
-    write_html,
 )
+from gsae.analysis.dashboard_html import find_chromium, render_html, screenshot, write_html
+from gsae.config import ConfigError, SAEConfig
 from gsae.sae import GSAE
 
 VOID = {"meta", "br", "img", "input", "link", "hr"}  # HTML void elements (SVG ones here are written <x .../>)

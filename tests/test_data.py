@@ -251,7 +251,7 @@ def test_openwebtext_offline_error(monkeypatch):
 
 
 def test_openwebtext_from_a_local_copy(tmp_path):
-    from gsae.standins import write_openwebtext_like
+    from gsae.tools.standins import write_openwebtext_like
 
     jsonl = write_openwebtext_like(tmp_path / "owt.jsonl", n_docs=5, seed=1)
     docs = data.load_corpus("openwebtext", tmp_path, openwebtext_docs=4, source=jsonl)

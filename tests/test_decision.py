@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from gsae import decision as D
+from gsae.analysis import decision as D
 
 # Planned design (pilot 2026-12-02: paired SD of g - TopK delta_ce = 2.3 % of TopK's at the v2 training length).
 DESIGN_SD, DESIGN_SEEDS, MIN_EFFECT = 0.023, 8, 0.05

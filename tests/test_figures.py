@@ -5,10 +5,11 @@ import math
 import statistics
 
 import matplotlib
+import numpy as np
 import pandas as pd
 import pytest
 
-from gsae import figures as gf
+from gsae.analysis import figures as gf
 
 matplotlib.use("Agg")
 
@@ -174,7 +175,7 @@ def test_log_axes_are_labelled_only_at_the_measured_values():
 def test_length_check_plots_each_seed_at_both_lengths_in_percent_with_the_interval_in_the_title():
     import numpy as np
 
-    from gsae import ledger
+    from gsae.analysis import ledger
 
     rows = []
     for variant, shift in (("primary", 0.0), ("length_2", 0.02)):
@@ -220,3 +221,18 @@ def test_claims_figure_gives_curve_tests_panels_of_their_own():
     assert points(decisive) == pytest.approx({32: 1.0}) and points(curve) == pytest.approx({8: 3.0, 32: 2.0})
     assert "not replicated" in decisive.get_title() and "curve only" in curve.get_title()
     assert [t.get_text() for t in curve.get_xticklabels()] == ["8", "32"]  # no star: the curve never decides
+
+
+def test_selection_and_convergence_figures_plot_the_recorded_trials():
+    sel = {"protocol": "per_arm", "k": 32, "seeds": [100, 101], "lr": {"topk": 0.004, "gsae": 0.008},
+           "lr_trials": {"topk": {"0.002": 0.5, "0.004": 0.4, "0.008": 0.45},
+                         "gsae": {"0.004": 0.42, "0.008": 0.38, "0.016": 0.41}}}
+    fig = gf.plot_selection(sel)
+    lines = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == 3]
+    assert [list(ln.get_ydata()) for ln in lines] == [[0.5, 0.4, 0.45], [0.42, 0.38, 0.41]]
+    np.testing.assert_allclose(lines[1].get_xdata(), [0.004, 0.008, 0.016])
+    conv = {"primary_tokens": 2000, "curves": {"topk": {"1000": {"delta_ce": 0.6}, "2000": {"delta_ce": 0.5},
+                                                        "4000": {"delta_ce": 0.49}}}}
+    fig = gf.plot_convergence(conv)
+    line = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == 3][0]
+    assert list(line.get_xdata()) == [1000, 2000, 4000] and list(line.get_ydata()) == [0.6, 0.5, 0.49]

@@ -1,4 +1,4 @@
-"""The GPU check (python -m gsae.bench --gpu-check): its code runs on the CPU at a tiny shape (--cpu-dry), a failed
+"""The GPU check (python -m gsae.tools.gpu_check): its code runs on the CPU at a tiny shape (--cpu-dry), a failed
 check sets the exit status, and without CUDA it says so and exits 0."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import json
 
 import torch
 
-from gsae import bench, gpu_check
+from gsae.tools import gpu_check
 
 
 def test_cpu_dry_run_passes_every_check_and_writes_json(tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
-    assert bench.main(["--gpu-check", "--cpu-dry", "--json", str(out)]) == {"gpu_check_exit": 0}
+    assert gpu_check.cli(["--cpu-dry", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [r["check"] for r in res["results"]] == ["placement", "storage", "speed", "agreement", "splice"]
     assert all(r["ok"] for r in res["results"]) and res["device"] == "cpu"

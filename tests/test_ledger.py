@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from gsae import ledger
+from gsae.analysis import ledger, report
 
 PREREG = {
     "version": 2, "alpha": 0.05, "primary_k": [32], "k_grid": [8, 32],
@@ -84,7 +84,7 @@ def test_equivalence_below_the_margin_is_not_replicated():
 
 def test_render_names_every_claim_and_bad_prereg_is_refused(tmp_path):
     rows = rows_for({"delta_ce": 0.15, "kl": 0.15}, 32, range(10))
-    md = ledger.render(ledger.evaluate(PREREG, rows), PREREG)
+    md = report.render(ledger.evaluate(PREREG, rows), PREREG)
     assert "**C1** fidelity" in md and "**replicated**" in md and "k = 32" in md
     (tmp_path / "p.yaml").write_text("version: 1\n")
     with pytest.raises(ledger.LedgerError, match="version 2"):
@@ -109,18 +109,18 @@ def test_secondary_tests_take_their_rule_from_the_claim_and_never_change_its_ver
     mean_t = np.mean([r["metrics"]["delta_ce"] for r in plain if r["arm"] == "topk" and r["encode_mode"] == "g"])
     lo, hi = sps.t.interval(0.95, 9, loc=np.mean(gains) / mean_t, scale=sps.sem(np.array(gains) / mean_t))
     assert sec.lower == pytest.approx(lo) and sec.upper == pytest.approx(hi)  # its own 95 %, no Bonferroni
-    assert "never part of a verdict" in ledger.render_secondary([c1], pre) and "labels" in \
-        ledger.render_secondary([c1], pre)
+    assert "never part of a verdict" in report.render_secondary([c1], pre) and "labels" in \
+        report.render_secondary([c1], pre)
     with pytest.raises(ledger.LedgerError, match="no test of metric"):
         ledger.secondary_test(pre["claims"]["C1"], {"metric": "fvu", "encode_mode": "g"})
 
 
 def test_curve_table_gives_each_k_its_minimum_detectable_effect():
-    from gsae import decision
+    from gsae.analysis import decision
 
     rows = rows_for({"delta_ce": 0.1, "kl": 0.1}, 32, range(10), sd=0.02) + rows_for({}, 8, range(3), sd=0.05)
     c1 = ledger.evaluate(PREREG, rows)[0]
-    table = ledger.render_curve([c1], PREREG)
+    table = report.render_curve([c1], PREREG)
     r8 = next(r for r in c1.curve if r.test == "delta_ce (plain)")
     gains = decision.relative_gains(*[{r["seed"]: r["metrics"]["delta_ce"] for r in rows
                                        if r["arm"] == a and r["k"] == 8 and r["encode_mode"] == "plain"}
@@ -153,43 +153,33 @@ def test_curve_tests_replace_the_tests_on_the_curve_at_every_k():
                                                                                             "kl (plain)")]
     assert all(r.verdict == "replicated" for r in c1.curve if r.k == 32)  # the subset's gain, 10 seeds
     assert c1.secondary[0].test == "delta_ce (g)" and c1.secondary[0].verdict == "replicated"
-    table = ledger.render_curve([c1], pre)
+    table = report.render_curve([c1], pre)
     assert "| 32 (primary) | 10 |" in table and "delta_ce (plain): gain" in table and "_all" not in table
 
 
 def test_the_superseded_version_is_read_on_the_same_rows_for_the_registered_profile_only(tmp_path):
-    """PREREG v4 §3: the claims stage shows C1 as the superseded pre-registration reads the same rows."""
-    from types import SimpleNamespace
-
-    import yaml
-
-    from gsae.stages.claims import superseded_note
-
-    path = tmp_path / "prereg_old.yaml"
-    path.write_text(yaml.safe_dump({**PREREG, "version": 3, "profile": "default"}))
+    """PREREG §8: the ledger also shows C1 as the superseded pre-registration reads the same rows."""
+    old = {**PREREG, "version": 3, "profile": "default"}
     rows = rows_for({"delta_ce": 0.15, "kl": 0.15}, 32, range(10))
-    note = superseded_note(SimpleNamespace(name="default"), rows, path)
+    note = report.superseded_note("default", rows, old, "docs/prereg/v3.yaml")
     c1 = ledger.evaluate(PREREG, rows)[0]
-    assert note.startswith("Under the superseded version 3 (prereg_old.yaml") and "C1 **replicated**" in note
-    assert f"delta_ce (plain) {ledger.pct(c1.primary[0].estimate)}" in note and "n = 10" in note
-    assert superseded_note(SimpleNamespace(name="smoke"), rows, path) == ""
-    assert superseded_note(SimpleNamespace(name="default"), rows, tmp_path / "absent.yaml") == ""
+    assert note.startswith("Under the superseded version 3 (docs/prereg/v3.yaml") and "C1 **replicated**" in note
+    assert f"delta_ce (plain) {report.pct(c1.primary[0].estimate)}" in note and "n = 10" in note
+    assert report.superseded_note("smoke", rows, old, "docs/prereg/v3.yaml") == ""
+    assert report.superseded_note("default", rows, {}, "absent.yaml") == ""
 
 
-def test_quality_table_by_hand_and_v1_names():
+def test_quality_table_by_hand():
     rows = [{"variant": "primary", "arm": arm, "k": 32, "seed": s, "encode_mode": "plain",
              "metrics": {"ce_loss_score": cs, "explained_variance": 0.8, "kl_div": 0.1, "l0": 32.0}}
             for arm, cs in (("topk", 0.90), ("gsae", 0.92)) for s in range(3)]
     rows[0]["metrics"] = {**rows[0]["metrics"], "ce_loss_score": 0.93}  # topk: 0.93, 0.90, 0.90 -> mean 0.91
-    v1 = [{"variant": "primary", "arm": "topk", "k": 32, "seed": s, "encode_mode": "plain",
-           "metrics": {"recovered_zero": 0.5, "fvu": 0.4, "kl": 0.7}} for s in range(3)]
-    q = ledger.quality_rows(v1)[(32, "TopK")]
-    assert q["explained_variance"][0] == pytest.approx(0.6) and q["kl_div"][0] == pytest.approx(0.7) and q["n"] == 3
-    table = ledger.render_quality(rows, v1)
+    q = report.quality_rows(rows)[(32, "TopK")]
+    assert q["kl_div"][0] == pytest.approx(0.1) and q["n"] == 3
+    table = report.render_quality(rows)
     half = sps.t.ppf(0.975, 2) * np.std([0.93, 0.90, 0.90], ddof=1) / np.sqrt(3)
-    assert (f"| 32 | TopK | 3 | 0.910 ± {half:.3f} | 0.800 ± 0.000 | — | 0.100 ± 0.000 | 32 | 0.500 ± 0.000 | 0.700"
-            in table)
-    assert "| 32 | g-SAE, plain-encode | 3 | 0.920" in table and "| — | — |" in table  # no v1 g-SAE row here
+    assert f"| 32 | TopK | 3 | 0.910 ± {half:.3f} | 0.800 ± 0.000 | — | 0.100 ± 0.000 | 32 |" in table
+    assert "| 32 | g-SAE, plain-encode | 3 | 0.920 ± 0.000 | 0.800 ± 0.000 | — |" in table  # "—": not measured
 
 
 def test_robustness_is_compared_with_the_primary_on_the_same_seeds():
@@ -201,20 +191,19 @@ def test_robustness_is_compared_with_the_primary_on_the_same_seeds():
     alone = ledger.evaluate(PREREG, [r for r in primary if r["seed"] < 3])[0]
     assert c1.robustness_same_seeds["threads_1"] == alone.verdict
     assert c1.verdict == "replicated" and alone.primary[0].n == 3
-    assert "primary SAEs on the same seeds: " + alone.verdict in ledger.render([c1], PREREG)
+    assert "primary SAEs on the same seeds: " + alone.verdict in report.render([c1], PREREG)
 
 
-def test_bottom_line_quotes_each_verdict_with_its_deciding_interval():
+def test_claims_table_and_answer_quote_each_verdict_with_its_deciding_interval():
     rows = (rows_for({"delta_ce": 0.15, "kl": 0.15}, 32, range(10))
             + rows_for({"delta_ce": 0.0, "kl": 0.0}, 32, range(10), variant="threads_1"))
-    res = ledger.evaluate(PREREG, rows)
-    text = ledger.render_bottom_line(res, {**PREREG, "power_target_half_width": 0.025}, [1.23])
-    c1 = res[0]
+    rep = report.build({**PREREG, "power_target_half_width": 0.025}, rows)
+    c1 = rep.results[0]
     r = c1.primary[0]
-    assert f"**C1** fidelity: **{c1.verdict}**" in text
-    assert f"delta_ce (plain) +{100 * r.estimate:.1f}% [+{100 * r.lower:.1f}%, +{100 * r.upper:.1f}%]" in text
-    assert "Rerun threads_1: C1 not replicated" in text and "primary SAEs on the same seeds: C1 replicated" in text
-    assert "1.2% of TopK's ΔCE (target ≤ 2.5%)" in text and len(text.splitlines()) <= 6
+    effect = f"+{100 * r.estimate:.1f}% [+{100 * r.lower:.1f}%, +{100 * r.upper:.1f}%]"
+    assert f"| **C1** fidelity | **{c1.verdict}** | delta_ce (plain) | {effect} |" in rep.claims_table
+    assert f"gain {effect}" in rep.answer and len(rep.answer.splitlines()) <= 6
+    assert "threads_1: not replicated (primary SAEs on the same seeds: replicated)" in rep.ledger_md
 
 
 PREREG_V3 = {**PREREG, "version": 3, "length_check": {"variant": "length_2", "multiplier": 2, "margin": 0.05,

@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import yaml
 
 import gsae.specs as specs_mod
-from gsae import io, metrics
+from gsae import io
 from gsae.config import profile_from_dict
 from gsae.paths import ROOT
+from gsae.stages import metrics
 from gsae.stages.evaluate import eval_file
 from gsae.stages.probe import probe_file
 from gsae.stages.steer import steer_file
@@ -21,9 +22,10 @@ def test_a_new_metric_written_by_a_stage_appears_in_the_record(tmp_path, monkeyp
     monkeypatch.setattr(specs_mod, "run_dir", lambda p: tmp_path / "runs" / p.name)
     monkeypatch.setattr(metrics, "results_dir", lambda p: tmp_path / "results" / p.name)
     monkeypatch.setattr(metrics, "write_provenance", lambda p, lm: {})
-    p = profile_from_dict("rec", yaml.safe_load((ROOT / "tests" / "data" / "smoke_v1.yaml").read_text()))
+    p = profile_from_dict("rec", yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text()))
     lm = SimpleNamespace(info={"model_hash": "m"})
-    spec = specs_mod.experiment_specs(p, 64, 1.0, {"gsae": {"beta": 0.3}}, 1e-3)[1]
+    chosen = {"gsae": {"beta": 0.3}, "gsae_free": {"beta": 0.3}}
+    spec = next(s for s in specs_mod.experiment_specs(p, 64, 1.0, chosen, 1e-3) if s.arm == "gsae")
     d = specs_mod.sae_dir(p, spec, "m")
     io.write_json(d / "train.json", {"history": [], "seconds": 1.5, "metrics": {"all": {"dead_fraction_train": 0.1}}})
     io.write_json(d / eval_file(p, "test"), {"metrics": {"g": {"delta_ce": 0.2, "brand_new_metric": 7.0,

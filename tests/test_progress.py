@@ -1,4 +1,4 @@
-"""gsae.progress (terminal progress lines) and gsae.notebook_tidy, checked against hand computations, and one
+"""gsae.progress (terminal progress lines) and gsae.tools.notebook_tidy, checked against hand computations, and one
 papermill run: progress reaches the terminal but not the notebook, and a saved figure shows exactly once."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import time
 import nbformat
 import pytest
 
-from gsae import notebook_tidy, progress
+from gsae import progress
 from gsae.progress import Console, Settings
+from gsae.tools import notebook_tidy
 
 
 class FakeClock:
@@ -197,7 +198,8 @@ def test_papermill_progress_goes_to_terminal_and_each_figure_shows_once(tmp_path
     pytest.importorskip("papermill")
     v4 = nbformat.v4
     nb = v4.new_notebook(cells=[
-        v4.new_code_cell("import time\nimport matplotlib.pyplot as plt\nfrom gsae import figures as gf, progress"),
+        v4.new_code_cell("import time\nimport matplotlib.pyplot as plt\nfrom gsae import progress\n"
+                         "from gsae.analysis import figures as gf"),
         v4.new_code_cell('with progress.stage("count"):\n'
                          '    for _ in progress.bar(range(3), desc="items", unit="item"):\n'
                          '        time.sleep(0.4)'),

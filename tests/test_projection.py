@@ -1,5 +1,5 @@
-"""gsae.projection: the stage-by-stage work of a profile counted by hand, the OpenWebText budget check, the dry run's
-disk refusal after its table, and a real (tiny-shape) cost measurement on this machine."""
+"""gsae.tools.projection: the stage-by-stage work of a profile counted by hand, the OpenWebText budget check, the
+dry run's disk refusal after its table, and a real (tiny-shape) cost measurement on this machine."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gsae import pipeline, projection
+from gsae import pipeline
 from gsae.config import ConfigError, load_profile
+from gsae.tools import projection
 
 COSTS = projection.StepCosts("cpu", harvest_s_per_token=1e-6, forward_s_per_token=2e-6,
                              sae_step_s={"topk": 1.0, "gsae": 2.0}, encode_s_per_row=1e-7, gpu_peak_bytes={})

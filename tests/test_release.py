@@ -1,12 +1,15 @@
 """Released SAEs (gsae.release): the README's snippets run against a release made here from tiny trained SAEs; fp16
 weights are exactly the rounded fp32 ones and their measured error matches a hand computation; above the tolerance
-fp16 is refused; release.json checksums guard the files; ``import gsae`` stays light."""
+fp16 is refused; release.json checksums guard the files (a corrupted one names the git command that restores it);
+every released SAE loads in stock SAELens without gsae, encoding like gsae's plain-encode bit for bit; ``import
+gsae`` stays light."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -19,7 +22,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import gsae
 from gsae import arms, release
-from gsae.arms.gsae import GTopKSAE
+from gsae.arms import saelens
+from gsae.arms.gsae import GRADIENT_FIELDS, GTopKSAE
 from gsae.config import SAEConfig, TrainConfig, load_profile
 from gsae.harvest import HarvestRows
 from gsae.io import IntegrityError
@@ -147,9 +151,8 @@ def test_export_release_writes_checked_files_and_unknown_names_list_the_availabl
     specs.append(SAESpec("primary", "topk", k, seed + 1, trained.saes["topk"].cfg, TrainConfig()))  # not released
     rows = HarvestRows(trained.x, trained.g, {})
     monkeypatch.setattr("gsae.specs.load_trained", lambda p_, s, mh: trained.saes[s.arm])
-    monkeypatch.setattr("gsae.stages.harvest.reader", lambda p_, split, mh: SimpleNamespace(load_all=lambda: rows))
     lm = SimpleNamespace(info={"model_hash": "abc", "name": "tiny", "cache": str(tmp_path / "models")})
-    out = release.export_release(p, lm, specs, root=tmp_path)
+    out = release.export_release(p, lm, specs, rows, root=tmp_path)
     names = [f"smoke/topk-k{k}-s{seed}", f"smoke/gsae-k{k}-s{seed}"]
     assert list(out) == names and release.available(tmp_path) == sorted(names)
     rec = json.loads((tmp_path / "smoke" / release.RELEASE_FILE).read_text())
@@ -159,11 +162,13 @@ def test_export_release_writes_checked_files_and_unknown_names_list_the_availabl
     assert math.isclose(entry["fp16_error"]["g"]["pooled"], out[names[1]].fp16_error["g"].pooled)
     assert str(tmp_path) not in (tmp_path / "smoke" / release.RELEASE_FILE).read_text()  # no machine paths
     sl = release.load_pretrained(names[1], root=tmp_path)
-    assert type(sl) is GTopKSAE and sl.cfg.metadata.release == names[1] and sl.cfg.beta == 0.5
+    assert type(sl) is GTopKSAE and sl.cfg.metadata.release == names[1] and sl.cfg.metadata.beta == 0.5
+    assert json.loads((tmp_path / names[1] / "cfg.json").read_text())["architecture"] == "topk"
+    assert type(SAE.load_from_disk(tmp_path / names[1])) is TopKSAE  # no gsae class involved
 
     weights = tmp_path / names[0] / release.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-2] + b"\x00\x00")
-    with pytest.raises(IntegrityError, match="corrupted"):
+    with pytest.raises(IntegrityError, match=r"corrupted.*re-export them: run notebook 05 of the smoke profile"):
         release.load_pretrained(names[0], root=tmp_path)
     with pytest.raises(release.ReleaseError, match=r"available: smoke/gsae-k8-s0, smoke/topk-k8-s0"):
         release.load_pretrained("smoke/gsae-k99-s0", root=tmp_path)
@@ -194,3 +199,90 @@ def test_the_committed_release_loads_in_one_line_and_matches_its_record():
         x = torch.randn(4, sae.cfg.d_in)
         codes = sae.encode(x)
         assert ((codes != 0).sum(-1) <= sae.cfg.k).all() and sae.decode(codes).shape == x.shape
+
+
+def committed_copy(tmp_path):
+    """A copy of the committed saes/default (release.json and every SAE) under ``tmp_path/default``."""
+    src = ROOT / "saes" / "default"
+    if not (src / release.RELEASE_FILE).exists():
+        pytest.skip("no committed default-profile release yet (run ./run_all.sh)")
+    shutil.copytree(src, tmp_path / "default")
+    return tmp_path / "default"
+
+
+def test_a_corrupted_committed_file_names_the_git_command_that_restores_it(tmp_path):
+    d = committed_copy(tmp_path)
+    for name, file in (("topk-k32-s0", release.WEIGHTS), ("gsae-k32-s0", "cfg.json")):
+        path = d / name / file
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 1
+        path.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError) as err:
+            release.load_pretrained(f"default/{name}", root=tmp_path)
+        msg = str(err.value)
+        assert msg.startswith(f"{path} is corrupted: sha256 ")
+        assert msg.endswith(f"; restore the committed files: git checkout -- saes/default/{name}")
+        assert "re-export" not in msg
+
+
+def test_the_committed_release_loads_in_stock_saelens_without_gsae(tmp_path):
+    """A fresh interpreter that never imports gsae: sae_lens.SAE.load_from_disk loads every committed SAE (the
+    g-SAE as SAELens' own TopKSAE), and its encode equals gsae's plain-encode bit for bit on random inputs."""
+    rec_path = ROOT / "saes" / "default" / release.RELEASE_FILE
+    if not rec_path.exists():
+        pytest.skip("no committed default-profile release yet (run ./run_all.sh)")
+    names = sorted(json.loads(rec_path.read_text())["saes"])
+    x = torch.randn(512, 576, generator=torch.Generator().manual_seed(0)) * 4
+    ours = {}
+    for name in names:
+        module = saelens.load_sae(ROOT / "saes" / "default" / name)
+        with torch.no_grad():
+            ours[name] = module.to_dense(module.encode(x))
+        assert ((ours[name] != 0).sum(-1) == module.cfg.k).all()
+    torch.save({"x": x, **ours}, tmp_path / "ours.pt")
+    code = f"""
+import json, sys, torch
+from sae_lens import SAE
+t = torch.load({str(tmp_path / "ours.pt")!r})
+for name in {names!r}:
+    sae = SAE.load_from_disk({str(ROOT / "saes" / "default")!r} + "/" + name)
+    with torch.no_grad():
+        codes = sae.encode(t["x"])
+    print(name, type(sae).__name__, sae.cfg.architecture(), sae.cfg.metadata.arm, torch.equal(codes, t[name]))
+print("gsae imported:", any(m == "gsae" or m.startswith("gsae.") for m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "gsae imported: False"
+    assert [ln.split() for ln in lines[:-1]] == [[n, "TopKSAE", "topk", n.split("-")[0], "True"] for n in names]
+    g_sae = gsae.load_pretrained("default/gsae-k32-s0")  # gsae's view: the same TopKSAE plus the g-encode
+    assert type(g_sae) is GTopKSAE and {f: g_sae.cfg.metadata[f] for f in GRADIENT_FIELDS}["beta"] > 0
+    with torch.no_grad():
+        assert torch.equal(g_sae.encode(x), ours["gsae-k32-s0"])
+
+
+def test_upgrading_a_release_from_the_old_gtopk_format_keeps_the_weights_and_the_numbers(tmp_path):
+    """The committed release is current (upgrade_release has nothing to do); one written in the old format (built
+    here by hand from it) is upgraded with the weights untouched, its checksums recorded, and the same codes."""
+    d = committed_copy(tmp_path)
+    assert release.upgrade_release(d) == []
+    path = d / "gsae-k32-s0"
+    cfg = json.loads((path / "cfg.json").read_text())
+    meta = cfg.pop("metadata")
+    old = {**cfg, "architecture": "gtopk", **{f: meta.pop(f) for f in GRADIENT_FIELDS}, "metadata": meta}
+    (path / "cfg.json").write_text(json.dumps(old))
+    rec = json.loads((d / release.RELEASE_FILE).read_text())
+    rec["saes"]["gsae-k32-s0"]["sha256"]["cfg.json"] = release.io.sha256_file(path / "cfg.json")
+    (d / release.RELEASE_FILE).write_text(json.dumps(rec))
+    x, g = torch.randn(256, 576) * 4, torch.randn(256, 576) * 1e-2
+    before = release.load_pretrained("default/gsae-k32-s0", root=tmp_path)  # the old format loads too
+    with torch.no_grad():
+        want = before.encode(x), before.encode_with_grad(x, g)
+    weights = release.io.sha256_file(path / release.WEIGHTS)
+    assert release.upgrade_release(d) == ["default/gsae-k32-s0"]
+    assert release.io.sha256_file(path / release.WEIGHTS) == weights
+    assert (path / "cfg.json").read_bytes() == (ROOT / "saes" / "default" / "gsae-k32-s0" / "cfg.json").read_bytes()
+    after = release.load_pretrained("default/gsae-k32-s0", root=tmp_path)  # checked against the new sha256
+    with torch.no_grad():
+        assert torch.equal(after.encode(x), want[0]) and torch.equal(after.encode_with_grad(x, g), want[1])

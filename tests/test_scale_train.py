@@ -22,7 +22,7 @@ def sae_hashes(root: Path) -> dict[str, str]:
 
 def selection(root: Path) -> dict:
     sel = json.loads((root / "results" / "scale" / "selection.json").read_text())
-    return {k: sel[k] for k in ("lr", "beta", "lr_trials", "beta_trials", "grad_scale")}
+    return {k: sel[k] for k in ("lr", "lr_trials", "trials", "grad_scale")}
 
 
 def test_grid_over_two_ranks_gives_the_same_saes_as_one_process(tmp_path):
@@ -39,16 +39,15 @@ def test_grid_over_two_ranks_gives_the_same_saes_as_one_process(tmp_path):
     assert code == 0, log[-6000:]
 
     ref, got = sae_hashes(one), sae_hashes(two)
-    # selection: 2 lr + 2 beta trials + 2 grid-edge trials; grid: 2 k x 3 seeds x 2 arms; variants at k=4, seed 0:
+    # selection: 2 lr trials x 2 arms on one selection seed; grid: 2 k x 3 seeds x 2 arms; variants at k=4, seed 0:
     # 2 of the g-SAE's own + auxk_off for both arms.
-    assert len(ref) == 6 + 12 + 4, sorted(ref)
+    assert len(ref) == 4 + 12 + 4, sorted(ref)
     assert got == ref, sorted(n for n in ref if got.get(n) != ref[n])
     assert selection(two) == selection(one)
     events = [json.loads(line) for line in (two / "results" / "scale" / "runs.jsonl").read_text().splitlines()]
     done = [e["sae"] for e in events if e["event"] == "train_done"]
     assert sorted(done) == sorted(ref)  # every SAE trained exactly once over the two ranks
-    print(f"2 ranks: {len(ref)} SAEs, every sha256 equal to one process; lr {selection(two)['lr']:g}, "
-          f"beta {selection(two)['beta']:g}")
+    print(f"2 ranks: {len(ref)} SAEs, every sha256 equal to one process; lr {selection(two)['lr']}")
 
 
 def test_stages_that_do_not_spread_are_refused_under_torchrun(monkeypatch):

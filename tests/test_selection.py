@@ -12,7 +12,7 @@ import yaml
 import gsae.stages.selection as sel
 from gsae.config import ConfigError, profile_from_dict
 from gsae.paths import ROOT
-from gsae.specs import experiment_specs
+from gsae.specs import check_profile, experiment_specs
 
 
 def default_profile(**selection):
@@ -89,7 +89,7 @@ def test_the_label_free_arm_trains_and_encodes_with_g_free_and_needs_it_harveste
     raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
     raw["experiment"]["arms"] = ["topk", "gsae_free"]
     with pytest.raises(ConfigError, match=r"label_free_splits"):
-        profile_from_dict("bad", raw)
+        check_profile(profile_from_dict("bad", raw))
     raw["harvest"]["label_free_splits"] = ["train", "val", "test"]
     p = profile_from_dict("free", raw)
     specs = experiment_specs(p, 576, 1.0, {"gsae_free": {"beta": 0.1}}, 4e-3)
@@ -104,15 +104,18 @@ def test_a_stored_selection_from_another_protocol_or_setting_is_refused(tmp_path
     import json
 
     from gsae.config import ConfigError, load_profile
-    from gsae.stages.train import check_selection
+    from gsae.stages.selection import check_selection
 
-    p = load_profile("default")  # selection.protocol: per_arm
+    p = load_profile("default")
     mine = json.loads(json.dumps(p.to_dict(), default=str))
     ok = {"protocol": "per_arm", "lr": {"topk": 0.002}, "provenance": {"profile": mine}}
     assert check_selection(p, ok, tmp_path / "selection.json") is ok
     v1 = {"lr": 0.004, "beta": 0.1, "provenance": {"profile": {**mine, "selection": {"protocol": "v1"}}}}
-    with pytest.raises(ConfigError, match="protocol 'v1'.*move the old results"):
+    with pytest.raises(ConfigError, match="another selection protocol.*move the old results"):
         check_selection(p, v1, tmp_path / "selection.json")
+    # the committed record was made when the profile still named its protocol: it is this profile's selection
+    committed = ROOT / "results" / "default" / "selection.json"
+    assert check_selection(p, json.loads(committed.read_text()), committed)["lr"] == {"topk": 0.004, "gsae": 0.004}
     other = {**ok, "provenance": {"profile": {**mine, "selection": {**mine["selection"], "seeds": [7, 8]}}}}
     with pytest.raises(ConfigError, match="other selection settings"):
         check_selection(p, other, tmp_path / "selection.json")

@@ -96,7 +96,7 @@ def test_full_test_scores_every_test_context_like_a_hand_written_splice(smoke_ru
     from gsae.stages import evaluate, full_test
     from gsae.stages.contexts import contexts
     from gsae.stages.harvest import reader
-    from gsae.stages.train import all_specs
+    from gsae.stages.selection import all_specs
 
     p = load_profile("smoke")
     lm = stages.load_lm(p, progress=False)

@@ -12,7 +12,7 @@ import yaml
 from gsae import io, specs
 from gsae.config import ConfigError, profile_from_dict
 from gsae.paths import ROOT
-from gsae.stages.train import check_trained_config
+from gsae.stages._jobs import check_trained_config
 
 CHOSEN = {"gsae": {"beta": 0.1}}
 
@@ -48,9 +48,9 @@ def test_length_seeds_outside_the_primary_seeds_are_refused_with_what_to_do():
         profile(length_seeds=[0, 16])
 
 
-def test_the_registered_profile_runs_the_length_check_on_prereg_v5_seeds():
-    """profiles/default.yaml and prereg_v5.yaml name the same length-check seeds (PREREG v5 §1)."""
-    pre = yaml.safe_load((ROOT / "prereg_v5.yaml").read_text())
+def test_the_registered_profile_runs_the_length_check_on_the_registered_seeds():
+    """profiles/default.yaml and prereg.yaml name the same length-check seeds (PREREG §5)."""
+    pre = yaml.safe_load((ROOT / "prereg.yaml").read_text())
     assert list(profile().variants.length_seeds) == pre["length_check"]["seeds"] == list(range(8))
 
 

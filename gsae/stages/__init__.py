@@ -1,61 +1,50 @@
-"""The replication as stages, one module each: contexts -> harvest -> train -> evaluate -> steer -> probe ->
-claims. Each module's ``run(p, lm=None)`` is what both its notebook and ``python -m gsae.pipeline STAGE --profile
-P`` call; it reads the previous stage's outputs, writes its own (skipping what a manifest marks done, so a rerun
-resumes) and returns them. ``load_lm`` is shared: pass its result to several stages to load the LM once.
+"""The replication as stages, one module each: contexts -> harvest -> train -> evaluate -> full_test -> steer ->
+probe -> release -> claims. ``run(stage, p)`` is what both the notebooks and ``python -m gsae.pipeline STAGE
+--profile P`` call: it loads the LM once (or takes the one given), runs the stages the given one reads from when it
+needs them, and hands each stage what the earlier ones produced (the trained grid's ``specs``). Every stage reads the
+previous stages' outputs, writes its own (skipping what a manifest marks done, so a rerun resumes) and returns them.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
+from .. import distributed
 from ..config import ConfigError, Profile
-from ..paths import cache_dir
+from ._lm import load_lm
 
-ORDER = ("contexts", "harvest", "train", "evaluate", "full_test", "steer", "probe", "claims")
+ORDER = ("contexts", "harvest", "train", "evaluate", "full_test", "steer", "probe", "release", "claims")
 """Stage names in dependency order (the CLI's choices)."""
 
+ON_GRID = ("evaluate", "full_test", "steer", "probe", "release", "claims")
+"""Stages that receive the trained grid's specs (``selection.all_specs``)."""
 
-def load_lm(p: Profile, progress: bool = True):
-    """The profile's LM as ``gsae.models.LoadedModel`` on the profile's device (``runtime.device``, see
-    ``gsae.runtime``); also validates the layer and context length against it. Every stage computes on the
-    device of the LM it is given."""
-    from .. import models
-    from ..runtime import setup
-
-    device = setup(p)
-    kw: dict[str, Any] = {}
-    if p.model.name == "tiny":
-        kw = {"config": models.TinyLMConfig(corpus=p.data.corpus, split_fracs=p.data.split_fracs,
-                                            split_seed=p.data.split_seed), "progress": progress,
-              "data_dir": cache_dir() / "corpus"}
-    if p.model.name == "gpt2":
-        kw = {"device": str(device)}
-    lm = models.load_model(p.model.name, cache_dir=cache_dir() / "models", **kw)
-    if device.type != "cpu":
-        lm.model.to(device, print_details=False)
-    n_layers = lm.model.cfg.n_layers
-    if not 0 <= p.model.layer < n_layers:
-        raise ConfigError(f"layer {p.model.layer} is out of range for {p.model.name} ({n_layers} blocks); "
-                          f"choose 0..{n_layers - 1} in profiles/{p.name}.yaml")
-    if p.data.ctx_len > lm.model.cfg.n_ctx:
-        raise ConfigError(f"data.ctx_len={p.data.ctx_len} exceeds the model's n_ctx={lm.model.cfg.n_ctx}")
-    return lm
-
+NEEDS = {"claims": ("evaluate", "full_test", "steer", "probe")}
+"""Stages whose per-SAE files a stage reads; ``run`` runs them first (each skips what is already done)."""
 
 SPREAD = ("harvest", "train")
 """Stages that split their work over the ranks of a torchrun launch; the others run in one process."""
 
+__all__ = ["NEEDS", "ON_GRID", "ORDER", "SPREAD", "load_lm", "run"]
+
 
 def run(stage: str, p: Profile, lm=None, progress: bool = True) -> Any:
-    """Run one stage by name (the CLI's entry). Under torchrun only the stages in ``SPREAD`` run; the others are
-    refused (they would train missing SAEs on rank 0 alone, out of step with the other ranks' collectives)."""
-    import importlib
-
-    from .. import distributed
-
+    """Run one stage by name and return its result. Under torchrun only the stages in ``SPREAD`` run; the others
+    are refused (they would train missing SAEs on rank 0 alone, out of step with the other ranks' collectives)."""
     if stage not in ORDER:
         raise ConfigError(f"unknown stage {stage!r}; choose one of {ORDER}")
     if stage not in SPREAD and distributed.current().world_size > 1:
         raise ConfigError(f"stage {stage!r} does not spread over processes; run it without torchrun "
                           f"(python -m gsae.pipeline {stage} --profile {p.name}); torchrun runs {SPREAD}")
-    return importlib.import_module(f"{__name__}.{stage}").run(p, lm, progress=progress)
+    with distributed.main_first():  # rank 0 loads (and on first use converts) the LM first
+        lm = lm or load_lm(p, progress)
+    module = importlib.import_module(f"{__name__}.{stage}")
+    if stage not in ON_GRID:
+        return module.run(p, lm, progress=progress)
+    from .selection import all_specs
+
+    specs = all_specs(p, lm)
+    for needed in NEEDS.get(stage, ()):
+        importlib.import_module(f"{__name__}.{needed}").run(p, lm, specs, progress=progress)
+    return module.run(p, lm, specs, progress=progress)

@@ -77,8 +77,6 @@ def contexts_manifest(p: Profile, model_hash: str) -> dict[str, Any]:
     return io.read_json(_stage_dir(p, model_hash) / io.MANIFEST)
 
 
-def run(p: Profile, lm=None, progress: bool = True) -> dict[str, SplitContexts]:
-    from . import load_lm
-
-    lm = lm or load_lm(p, progress)
+def run(p: Profile, lm, progress: bool = True) -> dict[str, SplitContexts]:
+    """Every split's contexts (cached); returns them."""
     return contexts(p, lm.tokenizer, lm.info["model_hash"])

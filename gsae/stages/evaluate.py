@@ -197,8 +197,8 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
             return modes if s.arm_impl.has_gradient_encoder else ("plain",)
 
         def measured(s: SAESpec) -> tuple[str, ...]:  # the encoders spliced into the LM
-            if split != "test":  # the selection's split: the encoder its objective reads (per_arm: plain-encode)
-                return ("plain",) if p.selection.protocol == "per_arm" else encoders(s)
+            if split != "test":  # the selection's split: the encoder its objective reads (plain-encode)
+                return ("plain",)
             secondary = s.group == "primary" and s.k in (p.experiment.primary_k or (s.k,))
             return encoders(s) if p.eval.gradient_splices == "all" or secondary else ("plain",)
 
@@ -262,10 +262,6 @@ def firing_frequencies(p: Profile, lm, specs: list[SAESpec], k: int, seed: int) 
     return out
 
 
-def run(p: Profile, lm=None, progress: bool = True) -> dict[str, dict[str, Any]]:
+def run(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> dict[str, Any]:
     """Evaluate every SAE of the grid on the test split."""
-    from . import load_lm
-    from .train import all_specs
-
-    lm = lm or load_lm(p, progress)
-    return evaluate_specs(p, lm, all_specs(p, lm), "test", progress)
+    return evaluate_specs(p, lm, specs, "test", progress)

@@ -73,10 +73,6 @@ def run_full_test(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -
     return {s.name: io.read_json(sae_dir(p, s, mh) / name) for s in chosen}
 
 
-def run(p: Profile, lm=None, progress: bool = True) -> dict[str, dict[str, Any]]:
+def run(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> dict[str, Any]:
     """Score C1's SAEs on every test context."""
-    from . import load_lm
-    from .train import all_specs
-
-    lm = lm or load_lm(p, progress)
-    return run_full_test(p, lm, all_specs(p, lm), progress)
+    return run_full_test(p, lm, specs, progress)

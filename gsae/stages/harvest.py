@@ -13,6 +13,7 @@ from .. import distributed
 from .. import harvest as harvest_lib
 from ..config import Profile, config_hash
 from ..paths import SPLITS, run_dir
+from ..runtime import module_device
 from .contexts import contexts, contexts_manifest
 
 
@@ -24,13 +25,9 @@ def reader(p: Profile, split: str, model_hash: str) -> harvest_lib.ActivationRea
     return harvest_lib.ActivationReader(harvest_dir(p, split, model_hash))
 
 
-def run(p: Profile, lm=None, progress: bool = True) -> dict[str, dict[str, Any]]:
+def run(p: Profile, lm, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Harvest every split (resumable); returns each split's manifest."""
-    from ..runtime import module_device
-    from . import load_lm
-
-    with distributed.main_first():  # rank 0 downloads and caches; the others then read what it wrote
-        lm = lm or load_lm(p, progress)
+    with distributed.main_first():  # rank 0 tokenizes and caches the contexts; the others then read them
         mh = lm.info["model_hash"]
         ctx = contexts(p, lm.tokenizer, mh)
     cm = contexts_manifest(p, mh)

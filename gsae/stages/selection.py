@@ -1,7 +1,7 @@
-"""The v2 selection protocol (PREREG v2 §3, ``selection.protocol: per_arm``) and the convergence check.
+"""The selection (PREREG §3) and the convergence check; ``all_specs`` is the grid every later stage receives.
 
 Every arm gets the same learning-rate trials (its own hyperparameters at the first value of their grid, e.g. the
-g-SAE's beta fixed from v1), trained at each selection seed (never a primary seed) for the primary training length
+g-SAE's registered beta), trained at each selection seed (never a primary seed) for the primary training length
 at the selection k, and scored by its **plain-encode** validation delta_ce (label-free, the primary encoder), mean
 over the seeds. A best lr on the grid's edge gets a trial one grid step beyond it, at most ``max_extensions`` times,
 so the chosen lr is inside its grid or the record says it is not. The convergence check then trains each arm at the
@@ -12,12 +12,16 @@ delta_ce against the number of training tokens.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 from .. import arms, distributed, io
-from ..config import Profile
-from ..paths import registry_append, results_dir
-from ..specs import SAESpec, sae_config, scaled_tokens
+from ..config import ConfigError, Profile
+from ..io import registry_append
+from ..paths import results_dir
+from ..specs import SAESpec, experiment_specs, sae_config, scaled_tokens
+from ._jobs import evaluate_on_main, train_specs
 from .harvest import reader
 
 
@@ -36,10 +40,8 @@ def trial_spec(p: Profile, arm: str, d_in: int, gs: float, lr: float, seed: int,
 def _score(p: Profile, lm, specs: list[SAESpec], progress: bool) -> dict[str, dict[str, Any]]:
     """Train ``specs`` (spread over the ranks of a torchrun launch) and their plain-encode validation metrics
     (rank 0 evaluates, the others read its files)."""
-    from .train import _evaluate_on_main, train_specs
-
     train_specs(p, lm, specs, reader(p, "train", lm.info["model_hash"]), progress)
-    ev = _evaluate_on_main(p, lm, specs, progress)
+    ev = evaluate_on_main(p, lm, specs, progress)
     return {s.name: ev[s.name]["metrics"]["plain"] for s in specs}
 
 
@@ -94,6 +96,46 @@ def _length_curve(p: Profile, lm, arm: str, lr: float, seed: int, d_in: int, gs:
     specs = length_curve_specs(p, arm, lr, seed, d_in, gs, multipliers)
     res = _score(p, lm, list(specs.values()), progress)
     return {str(scaled_tokens(p.train, m)): res[s.name] for m, s in specs.items()}
+
+
+def check_selection(p: Profile, sel: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A stored selection is reused only if it was made by this protocol under this profile's selection settings:
+    one left by another design (another protocol, other trials) is refused, never silently trained on."""
+    made = ((sel.get("provenance") or {}).get("profile") or {}).get("selection")
+    want = json.loads(json.dumps(p.to_dict(), default=str))["selection"]
+    if made is not None:
+        made = {key: v for key, v in made.items() if key != "protocol"}  # recorded when it had another value too
+    if sel.get("protocol") != "per_arm" or (made is not None and made != want):
+        raise ConfigError(f"{path} was made by another selection protocol or with other selection settings than "
+                          f"profile {p.name!r} has; move the old results/{p.name}/ aside or run ./run_all.sh "
+                          f"--reselect")
+    return sel
+
+
+def run_selection(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
+    """selection.json: every arm's lr (``select_per_arm``), computed once and then reused."""
+    out_path = results_dir(p) / "selection.json"
+    if out_path.exists():
+        return check_selection(p, io.read_json(out_path), out_path)
+    sel = {**select_per_arm(p, lm, progress), "provenance": io.provenance(profile=p.to_dict())}
+    if distributed.is_main():
+        io.write_json(out_path, sel)
+        registry_append(p, {"event": "selection_done", "lr": sel["lr"], "at_edge": sel["at_edge"]})
+    distributed.barrier()
+    return sel
+
+
+def chosen_hyperparameters(p: Profile, sel: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each arm's selected own hyperparameters, e.g. {"gsae": {"beta": 0.1}}, from selection.json."""
+    return {a: {hp: sel[hp] for hp in arms.get(a).hyperparameters} for a in p.experiment.arms
+            if arms.get(a).hyperparameters}
+
+
+def all_specs(p: Profile, lm) -> list[SAESpec]:
+    """Every SAE of the grid; runs the selection first if it has not run."""
+    sel = run_selection(p, lm, progress=False)
+    rd = reader(p, "train", lm.info["model_hash"])
+    return experiment_specs(p, rd.d, sel["grad_scale"], chosen_hyperparameters(p, sel), sel["lr"])
 
 
 def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:

@@ -117,9 +117,5 @@ def steering_frame(p: Profile, lm, specs: list[SAESpec], group: str = "primary")
     return pd.DataFrame(rows)
 
 
-def run(p: Profile, lm=None, progress: bool = True) -> dict[str, Any]:
-    from . import load_lm
-    from .train import all_specs
-
-    lm = lm or load_lm(p, progress)
-    return run_steering(p, lm, all_specs(p, lm), progress)
+def run(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> dict[str, Any]:
+    return run_steering(p, lm, specs, progress)
