@@ -37,7 +37,7 @@ export HF_DATASETS_OFFLINE=$HF_HUB_OFFLINE TRANSFORMERS_OFFLINE=$HF_HUB_OFFLINE
 # glibc hands every large freed block (a [batch, ctx, vocab] logits tensor is hundreds of MB) back to the kernel,
 # so the next one is page-faulted in again: on CPU the splice evaluation then spends as long in the kernel as in
 # its matmuls. Keeping freed memory in the heap changes no number (same kernels, same order) and makes a splice
-# evaluation ~1.5x faster (notes/malloc_check.txt). Set any of them to override.
+# evaluation ~1.5x faster (docs/checks/malloc_check.txt). Set any of them to override.
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-68719476736}
 export MALLOC_TOP_PAD_=${MALLOC_TOP_PAD_:-1073741824}
 

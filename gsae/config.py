@@ -122,7 +122,7 @@ class HarvestConfig:
     """Drop position 0 of every context (attention-sink / BOS-like outliers)."""
     label_free_splits: tuple[str, ...] = field(default=(), metadata={"hash_default": False})
     """Splits that also store g_free, the gradient of the CE against the model's own argmax
-    (``gsae.lm.label_free_ce``): a gradient the model can compute without the next token (PREREG v2). Costs a
+    (``gsae.lm.label_free_ce``): a gradient the model can compute without the next token (PREREG §1). Costs a
     second backward per batch; the train split needs it only to train an arm on it."""
 
     def __post_init__(self) -> None:
@@ -193,7 +193,7 @@ class TrainConfig:
     """CPU threads while training this SAE (0: torch's default). Changes float summation order, not the math."""
     max_norm_factor: float = 0.0
     """> 0: training batches leave out rows whose norm exceeds this multiple of the train split's median norm
-    (massive activations, PREREG v2); 0 keeps every row."""
+    (massive activations, PREREG §2); 0 keeps every row."""
 
     def __post_init__(self) -> None:
         _require(self.tokens > 0 and self.batch_size > 0, "train.tokens and train.batch_size must be > 0")
@@ -272,11 +272,11 @@ class VariantsConfig:
     another reduction order, as another CPU would have, to show the verdicts do not hinge on it."""
     length_multiplier: float = 0.0
     """> 0: retrain every arm's primary-k SAEs (all primary seeds, same lr and schedule shape) for this multiple of
-    ``train.tokens``, as group "length_<m>": the length check of PREREG v3 (does the paired gain move when the
+    ``train.tokens``, as group "length_<m>": the length check of PREREG §5 (does the paired gain move when the
     training length changes?)."""
     length_seeds: tuple[int, ...] = ()
-    """Seeds of the length check (empty: every primary seed). PREREG v5 runs it on the first 8 of the 16 primary
-    seeds to meet the time budget; C1's primary evidence keeps all 16."""
+    """Seeds of the length check (empty: every primary seed). The registered study runs it on the first 8 of the 16
+    primary seeds to meet the time budget; C1's primary evidence keeps all 16."""
 
     def __post_init__(self) -> None:
         _require(all(k > 0 for k in self.k_grid), f"variants.k_grid must be positive, got {self.k_grid}")
@@ -296,17 +296,17 @@ class EvalConfig:
     lm_contexts: int = 10**9
     """LM-based metrics (spliced CE, KL) use the split's first this-many harvested contexts (all if fewer)."""
     massive: str = "reconstruct"
-    """Massive-activation tokens (norm > 10 x the train median) in the splice: "reconstruct" (v1: spliced like
-    any token) or "clean" (PREREG v2: kept clean, so a few outliers do not decide ΔCE and KL)."""
+    """Massive-activation tokens (norm > 10 x the train median) in the splice: "reconstruct" (spliced like any
+    token) or "clean" (PREREG §2: kept clean, so a few outliers do not decide ΔCE and KL)."""
     gradient_splices: str = "all"
     """Which SAEs of an arm whose code uses the gradient are spliced with their gradient encoders on the test
     split: "all", or "primary_k" (only the primary group at ``experiment.primary_k``, where the secondary tests
     are registered; the others are spliced with plain-encode only). Activation metrics cover every encoder. On the
-    validation split a ``per_arm`` selection splices plain-encode only, the encoder its objective reads."""
+    validation split the selection splices plain-encode only, the encoder its objective reads."""
     full_test: bool = field(default=True, metadata={"hash_default": False})
     """Also splice the SAEs at ``experiment.primary_k`` (every group), plain-encode, on EVERY test context: C1's
-    co-primary metrics ``delta_ce_all`` / ``kl_all`` (PREREG v4, stage ``full_test``). Added after v3; left out of
-    the eval cache key at its default, so v3's cached evaluations stay valid."""
+    co-primary metrics ``delta_ce_all`` / ``kl_all`` (PREREG §4, stage ``full_test``). Left out of the eval cache
+    key at its default, so evaluations cached before the field existed stay valid."""
 
     def __post_init__(self) -> None:
         _require(self.massive in ("reconstruct", "clean"), f"eval.massive must be 'reconstruct' or 'clean', got "

@@ -351,7 +351,7 @@ def evaluate_saes(model: Any, saes: Mapping[str, Any], tokens: Tensor, hook_name
     """Evaluate several SAEs x encoders on the same contexts, sharing each batch's clean forward.
 
     ``clean_above``: positions whose clean activation norm exceeds it keep the clean activation in the splice
-    (massive activations, PREREG v2); their reconstruction still counts in the FVU / L0 statistics.
+    (massive activations, PREREG §2); their reconstruction still counts in the FVU / L0 statistics.
 
     ``baselines`` must come from ``ablation_baselines`` on the same tokens, hook and ``exclude_pos0``
     (the splice rule follows ``baselines.exclude_pos0``). Returns ``{sae_name: {encode_mode: FidelityResult}}``.

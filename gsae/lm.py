@@ -73,7 +73,7 @@ class Capture(NamedTuple):
 
 def label_free_ce(logits: Tensor) -> Tensor:
     """[B, T-1] cross-entropy of each prediction against the model's own argmax (a pseudo-label), the loss of the
-    label-free gradient g_free = d(sum of these)/dx (PREREG v2 §4). It needs no next token: the expected CE under
+    label-free gradient g_free = d(sum of these)/dx (PREREG §1). It needs no next token: the expected CE under
     the model's own distribution has zero expected gradient, E_{y~p}[grad -log p_y] = 0, and the entropy's gradient
     measures confidence rather than prediction; the argmax CE's gradient equals the true label's wherever the model
     is right. The argmax is taken on detached logits (the pseudo-label is a constant, like a label)."""

@@ -1,6 +1,6 @@
-"""The v2 decision rule: its interval against scipy's paired t-test and a hand computation with table t values,
+"""The decision rule: its interval against scipy's paired t-test and a hand computation with table t values,
 its power functions against the noncentral t, its simulation against the exact verdict probabilities, and the
-issue's operating characteristics on the planned design (sd 2.3 % of TopK's metric, 8 seeds, min effect 5 %)."""
+registered operating characteristics on the planned design (sd 2.3 % of TopK's metric, 8 seeds, min effect 5 %)."""
 
 import functools
 import math
@@ -192,7 +192,7 @@ def test_simulation_is_deterministic_and_direction_free():
 
 @pytest.mark.parametrize("family", [2, 4])
 def test_operating_characteristics_of_the_planned_design(family):
-    """The issue: no effect -> 'replicated' <= 5 %; a true 10 % effect -> 'replicated' >= 80 %."""
+    """The registered bar: no effect -> 'replicated' <= 5 %; a true 10 % effect -> 'replicated' >= 80 %."""
     rates = {effect: D.simulate(_rule(family), effect, DESIGN_SD, DESIGN_SEEDS, N_SIMS, seed=100 + family)
              for effect in (0.0, MIN_EFFECT, 0.10)}
     assert rates[0.0].replicated <= 0.05
@@ -222,7 +222,7 @@ def test_three_seeds_are_not_enough_but_four_are():
 def test_operating_characteristics_of_the_v3_and_v4_designs(sd):
     """16 seeds, Bonferroni over C1's 2 tests, at v2's measured paired SD (4.4 % of TopK's ΔCE; PREREG v3), at v4's
     planned SD (3.0 %, C1 on every test context; PREREG v4 §2) and at v3's measured SD (5.7 %, v4's pessimistic
-    case). The issue's bar holds at each (no effect: 'replicated' <= 5 %; a true 10 %: >= 80 %), simulated and
+    case). The registered bar holds at each (no effect: 'replicated' <= 5 %; a true 10 %: >= 80 %), simulated and
     exactly."""
     n = 16
     rates = {effect: D.simulate(_rule(2), effect, sd, n, N_SIMS, seed=316) for effect in (0.0, 0.10)}

@@ -1,4 +1,4 @@
-"""The v2 ledger against known answers: synthetic metrics.jsonl rows built with a chosen effect per k, and the
+"""The ledger against known answers: synthetic metrics.jsonl rows built with a chosen effect per k, and the
 interval checked against scipy's paired t-test."""
 
 from __future__ import annotations

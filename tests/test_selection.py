@@ -1,4 +1,4 @@
-"""The v2 selection protocol and the v2 grid, with the training replaced by a known score function."""
+"""The selection protocol and the grid, with the training replaced by a known score function."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The study's v2 decision rule: one three-way verdict per test (a claim at one k), its interval, its power.
+"""The study's decision rule: one three-way verdict per test (a claim at one k), its interval, its power.
 
 Per test, paired over seeds s present in both arms, the **relative gain** of the g-SAE over TopK is
 
@@ -20,9 +20,9 @@ The three cannot overlap: the interval is centred on the estimate (lower <= esti
 
 Design choices (and why):
 
-* Difference over the baseline *mean*, not a mean of per-seed ratios: it is the quantity the v1 rule
-  (min effect = m x |TopK mean|, ``gsae.claims``) and the pilot (paired SD "% of TopK's") use, so v1, the pilot
-  and v2 speak the same units; the "excludes no gain" half of the verdict is then exactly the paired t-test of
+* Difference over the baseline *mean*, not a mean of per-seed ratios: it is the quantity the minimum effect
+  (m x |TopK mean|) and the pilot (paired SD "% of TopK's") are stated in, so they speak the same units; the
+  "excludes no gain" half of the verdict is then exactly the paired t-test of
   the raw differences (a positive constant does not move zero); and a mean of ratios over-weights a seed with a
   small baseline and is biased for the ratio of means. The price: mean(topk) is treated as a known constant, so
   its own seed-to-seed error (CV_topk / sqrt(n), well under 1 % of m here) is ignored in the comparisons with
@@ -30,8 +30,9 @@ Design choices (and why):
 * Two-sided intervals: the rule reads both ends (lower for "replicated", upper for "not replicated"), so with
   family-wise simultaneous coverage >= 1 - alpha a wrong "replicated" (claiming a gain > 0 that is not there) and a
   wrong "not replicated" (excluding an effect >= min_effect that is there) together occur with probability
-  <= alpha over the whole family. "Reaches the minimum" is a point-estimate requirement, as the issue states it,
-  not a confidence statement: a "replicated" with a true gain in (0, min_effect) is not an error this bounds.
+  <= alpha over the whole family. "Reaches the minimum" is a point-estimate requirement, as the study registers
+  it (PREREG.md §4), not a confidence statement: a "replicated" with a true gain in (0, min_effect) is not an
+  error this bounds.
 * Bonferroni on the intervals, not Holm on p-values: the verdicts are read off intervals, and Holm's step-down
   has no simple matching simultaneous intervals (the compatible ones, Strassburger & Bretz 2008, bound a rejected
   test only by its null value unless every test is rejected, so they cannot say whether the minimum effect is
@@ -178,7 +179,7 @@ def verdict_of(interval: Interval, min_effect: float) -> str:
 
 def decide(topk: Mapping[Any, float], gsae: Mapping[Any, float], better: str, min_effect: float,
            alpha: float = 0.05, family: int = 1) -> Decision:
-    """The v2 verdict of one test from ``{seed: metric}`` of each arm (paired on the same seeds).
+    """The verdict of one test from ``{seed: metric}`` of each arm (paired on the same seeds).
 
     ``min_effect``: the smallest relative gain that counts (0.05 = 5 % of TopK's metric); ``alpha``: the family-wise
     error of the ``family`` tests' intervals (each at 1 - alpha / family).
@@ -192,7 +193,8 @@ def decide(topk: Mapping[Any, float], gsae: Mapping[Any, float], better: str, mi
 
 def half_width_pct(topk: Mapping[Any, float], gsae: Mapping[Any, float], alpha: float = 0.05,
                    family: int = 1) -> float:
-    """Measured half-width of the paired 1 - alpha/family interval, in % of TopK's mean (the issue's <= 2.5 %)."""
+    """Measured half-width of the paired 1 - alpha/family interval, in % of TopK's mean (the design target
+    <= 2.5 %, PREREG.md §4)."""
     rel = relative_gains(topk, gsae, "lower")  # the width does not depend on the direction
     return 100.0 * paired_interval(rel.gains, alpha, family).half_width
 

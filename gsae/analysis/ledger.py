@@ -1,8 +1,8 @@
 """The claims ledger (PREREG.md, versions 2-5): ``prereg_v5.yaml`` + ``results/<profile>/metrics.jsonl``
--> one three-way verdict per claim (``gsae.decision``: replicated / not replicated / underpowered), and v3's
+-> one three-way verdict per claim (``analysis.decision``: replicated / not replicated / underpowered), and the
 length check (``length_check``: does the paired gain move when the training length doubles?).
 
-A v2 claim names its tests: a metric, the encoder of the treatment arm's rows, the direction and the minimum
+A claim names its tests: a metric, the encoder of the treatment arm's rows, the direction and the minimum
 effect, evaluated at the pre-registered primary k (the verdict) and at every other k of the grid (reported,
 never decisive; a claim's ``curve_tests``, when given, replace its tests on the curve, at every k). The
 intervals of a claim's tests at the primary k share its ``alpha`` (Bonferroni over ``family`` = the number of
@@ -37,16 +37,11 @@ from .rows import BASELINE, TREATMENT, index_rows, seed_values
 OUTCOMES = ("replicated", "not replicated", "mixed", "underpowered", "not testable (floor)", "not tested")
 
 
-CURRENT = "prereg_v5.yaml"
-"""The registered pre-registration (under the repository root) the claims stage applies."""
-SUPERSEDED = "prereg_v4.yaml"
-"""The version it superseded, still applied to the same rows so that both verdicts are shown (PREREG v4 §3, v5)."""
-
 LENGTH_OUTCOMES = ("length-stable", "length-dependent", "undetermined", "not tested")
 
 
 class LedgerError(ValueError):
-    """The pre-registration (version 2 or 3) is not something this module can apply; the message says what to fix."""
+    """The pre-registration is not something this module can apply; the message says what to fix."""
 
 
 class TestResult(NamedTuple):
@@ -91,7 +86,8 @@ class ClaimResult(NamedTuple):
 def load_prereg(path: str | Path) -> dict[str, Any]:
     pre = yaml.safe_load(Path(path).read_text())
     if not isinstance(pre, dict) or pre.get("version") not in (2, 3, 4, 5):
-        raise LedgerError(f"{path}: expected a pre-registration of version 2 to 5 (v1 is applied by gsae.claims)")
+        raise LedgerError(f"{path}: expected a pre-registration of version 2 to 5 (version 1 had another rule, "
+                          f"docs/prereg/v1.md)")
     lc = pre.get("length_check")
     if lc is not None and (not {"variant", "margin", "claim"} <= set(lc) or lc["claim"] not in pre.get("claims", {})):
         raise LedgerError(f"{path}: length_check needs variant, margin and a registered claim, got {lc}")
@@ -159,7 +155,7 @@ def combine(verdicts: list[str]) -> str:
 
 
 def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimResult]:
-    """Every v2 claim's verdict at the primary k, its curve over the k grid and its robustness variants."""
+    """Every claim's verdict at the primary k, its curve over the k grid and its robustness variants."""
     index = index_rows(rows)
     primary_k, grid = list(prereg["primary_k"]), list(prereg["k_grid"])
     alpha = float(prereg["alpha"])
@@ -173,7 +169,7 @@ def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimRe
             return [run_test(index, t, k, variant, alpha, fam, floor) for t in which or tests]  # noqa: B023
 
         primary = [r for k in primary_k for r in at(k, "primary", family)]
-        if "curve_tests" in claim:  # the curve has its own tests, at every k (PREREG v4)
+        if "curve_tests" in claim:  # the curve has its own tests, at every k (PREREG §4)
             curve = [r for k in grid for r in at(k, "primary", len(claim["curve_tests"]), claim["curve_tests"])]
         else:
             curve = [r for k in grid if k not in primary_k for r in at(k, "primary", len(tests))]
@@ -194,7 +190,7 @@ def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimRe
 
 
 class LengthCheck(NamedTuple):
-    """PREREG v3 §2 for one test at one k: the per-seed change of the paired relative gain, ``variant`` (the longer
+    """PREREG §5 for one test at one k: the per-seed change of the paired relative gain, ``variant`` (the longer
     training) minus the primary SAEs, each gain relative to its own group's TopK mean."""
     test: str
     k: int
@@ -231,7 +227,7 @@ class GroupGains(NamedTuple):
 def group_gains(index: dict, test: dict[str, Any], k: int, variant: str,
                 only_seeds: list[int] | None = None) -> GroupGains:
     """r_s of ``test`` at ``k`` in the primary group and in ``variant``, each relative to its own TopK mean, on the
-    seeds both groups have (only ``only_seeds`` among them when given: PREREG v5's length check names seeds 0-7)."""
+    seeds both groups have (only ``only_seeds`` among them when given: the registered length check names seeds 0-7)."""
     name = f"{test['metric']} ({test['encode_mode']})"
     vals = {g: (seed_values(index, g, BASELINE, test["encode_mode"], k, test["metric"]),
                 seed_values(index, g, TREATMENT, test["encode_mode"], k, test["metric"])) for g in ("primary", variant)}
@@ -247,7 +243,7 @@ def group_gains(index: dict, test: dict[str, Any], k: int, variant: str,
 
 def length_check(index: dict, test: dict[str, Any], k: int, variant: str, margin: float, alpha: float,
                  family: int, only_seeds: list[int] | None = None) -> LengthCheck:
-    """The length check of one relative test at ``k`` (PREREG v3 §2), on the seeds both groups have (of
+    """The length check of one relative test at ``k`` (PREREG §5), on the seeds both groups have (of
     ``only_seeds``, when given)."""
     gg = group_gains(index, test, k, variant, only_seeds)
     if len(gg.seeds) < 2:
@@ -259,7 +255,7 @@ def length_check(index: dict, test: dict[str, Any], k: int, variant: str, margin
 
 
 def _length_tests(prereg: dict[str, Any]) -> list[dict[str, Any]]:
-    """The relative tests of the length check's claim (PREREG v3 §2)."""
+    """The relative tests of the length check's claim (PREREG §5)."""
     return [t for t in prereg["claims"][prereg["length_check"]["claim"]]["tests"] if t["rule"] == "relative"]
 
 

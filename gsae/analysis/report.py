@@ -209,7 +209,7 @@ def pct(x: float) -> str:
 
 
 def render(results: list[ClaimResult], prereg: dict[str, Any]) -> str:
-    """The v2 claims table (Markdown): verdict, the primary-k tests with their intervals, robustness."""
+    """The claims table (Markdown): verdict, the primary-k tests with their intervals, robustness."""
     lines = ["| claim | verdict | test at the primary k | effect [interval] | 95% half-width | n | robustness |",
              "|---|---|---|---|---|---|---|"]
     for c in results:

@@ -47,7 +47,7 @@ def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str,
     def stream():
         for x, g in train_reader.batches(t.batch_size, seed=t.seed, n_tokens=n, device=device,
                                          gradient=first.arm_impl.gradient):
-            if cap is not None:  # massive-activation rows stay out of training (PREREG v2)
+            if cap is not None:  # massive-activation rows stay out of training (PREREG §2)
                 keep = x.norm(dim=-1) <= cap
                 x, g = x[keep], g[keep]
             yield x, g

@@ -1,12 +1,12 @@
-"""Stage ``full_test``: C1's co-primary metrics on every context of the test split (PREREG v4).
+"""Stage ``full_test``: C1's co-primary metrics on every context of the test split (PREREG §4).
 
 The ``evaluate`` stage splices every SAE into the LM on the test split's first ``eval.lm_contexts`` contexts (50 of
-the default profile's 400). Study v3 found that at that size a seed's paired ΔCE gain is mostly evaluation noise
-(``notes/eval_noise_check.txt``), so v4 scores the SAEs C1 decides on -- every group's SAEs at
+the default profile's 400). At that size a seed's paired ΔCE gain is mostly evaluation noise
+(``docs/checks/eval_noise_check.txt``), so this stage scores the SAEs C1 decides on -- every group's SAEs at
 ``experiment.primary_k`` -- on all harvested test contexts, plain-encode only (no gradient, so no label at
 inference). The splice rule, the massive-activation rule and the ablation baselines are ``evaluate``'s, on these
 tokens. Per SAE it writes ``fulltest_test-<key>.json`` with ``delta_ce_all``, ``kl_all``, ``ce_loss_score_all``,
-``ce_clean_all`` and ``n_lm_tokens_all``; ``gsae.metrics`` picks them up like any other stage's metrics.
+``ce_clean_all`` and ``n_lm_tokens_all``; ``stages.metrics`` picks them up like any other stage's metrics.
 
 The stage is separate from ``evaluate`` so that its cached files (keyed by ``evaluate``'s code and settings) stay
 valid: adding it recomputes nothing that was already measured."""

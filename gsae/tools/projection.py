@@ -266,7 +266,7 @@ def project(p: Profile, costs: StepCosts) -> list[StageProjection]:
         "full_test", ctx["test"] * T * (costs.harvest_s_per_token + n_c1 * costs.forward_s_per_token) if n_c1 else 0.0,
         0, p.eval.batch_contexts * T * shape["d_vocab"] * 4 * 3,
         n_c1 * sae_bytes // 4 + p.eval.batch_contexts * T * shape["d_vocab"] * 4 * 3,
-        f"plain-encode CE/KL of {n_c1} SAEs at the primary k on all {ctx['test']:,} test contexts (PREREG v4)"))
+        f"plain-encode CE/KL of {n_c1} SAEs at the primary k on all {ctx['test']:,} test contexts (PREREG §4)"))
     steer_rows = p.steering.n_latents * len(p.steering.alphas) * p.steering.n_contexts
     n_steered = sum(not p.steering.k_values or sp.k in p.steering.k_values for sp in grid)
     out.append(StageProjection(

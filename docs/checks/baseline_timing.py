@@ -1,7 +1,7 @@
 """Wall time of the ablation baselines restarting at the hook's block (``evals.ablation_baselines``) against the
 patched full forwards they replace (``prefix_splice_check.patched_baselines``), interleaved in one process.
 
-    PYTHONPATH=. python notes/baseline_timing.py > notes/baseline_timing.txt
+    PYTHONPATH=. python docs/checks/baseline_timing.py > docs/checks/baseline_timing.txt
 
 Default profile, the first 100 test contexts in batches of ``eval.batch_contexts``, 3 alternating rounds; the
 ratio is of the medians. The numbers themselves are checked identical in ``prefix_splice_check.txt``.

@@ -1,8 +1,8 @@
-"""Exploratory (no verdict reads it; notes/NEXT.md): is the seed-to-seed spread of C1's ΔCE gain at k = 32 mostly
+"""Exploratory (no verdict reads it): is the seed-to-seed spread of C1's ΔCE gain at k = 32 mostly
 evaluation noise on the scored predictions, or training noise? Splits the registered test evaluation (the same 50
 test contexts, plain-encode, massive positions clean) into its two halves of 25 contexts and asks whether a seed's
 paired gain on one half predicts its gain on the other. Run from the repository root after the default profile:
-    python notes/eval_noise_check.py > notes/eval_noise_check.txt
+    python docs/checks/eval_noise_check.py > docs/checks/eval_noise_check.txt
 """
 import json
 
@@ -14,7 +14,7 @@ from gsae.config import load_profile
 from gsae.specs import load_trained
 from gsae.stages import load_lm
 from gsae.stages.evaluate import eval_context
-from gsae.stages.train import all_specs
+from gsae.stages.selection import all_specs
 
 p = load_profile("default")
 lm = load_lm(p, progress=False)

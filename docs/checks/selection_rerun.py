@@ -2,7 +2,7 @@
 `./run_all.sh --reselect` adds to a fresh clone's `./run_all.sh` -- time it, and compare every value with the
 committed records.
 
-    PYTHONPATH=. python notes/selection_rerun.py SCRATCH_DIR > notes/selection_rerun.txt
+    PYTHONPATH=. python docs/checks/selection_rerun.py SCRATCH_DIR > docs/checks/selection_rerun.txt
 
 Needs the default profile's harvest (`python -m gsae.pipeline harvest --profile default`) and no trained selection
 SAEs in the cache (else their training is not timed). The committed `selection.json` and `convergence.json` are

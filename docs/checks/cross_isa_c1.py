@@ -1,6 +1,6 @@
 """Study v5's C1 decided again on a machine whose CPU kernels differ from the committed run's.
 
-    PYTHONPATH=. python notes/cross_isa_c1.py > notes/cross_isa_c1_<isa>.txt
+    PYTHONPATH=. python docs/checks/cross_isa_c1.py > docs/checks/cross_isa_c1_<isa>.txt
 
 The committed study ran on AMD EPYC vCPUs where torch dispatches to AVX2 kernels; on a machine where it dispatches
 to AVX-512 the LM's float sums round differently, so the harvest differs in its last bits and every SAE trained on
@@ -26,7 +26,8 @@ from gsae.paths import results_dir
 from gsae.stages import load_lm
 from gsae.stages.full_test import run_full_test
 from gsae.stages.harvest import reader
-from gsae.stages.train import all_specs, train_specs
+from gsae.stages._jobs import train_specs
+from gsae.stages.selection import all_specs
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """PREREG v5's design check: how often the length check on 8 seeds says each outcome, simulated with study v4's
 measured SD of the per-seed change (ledger.json, 16 seeds) and the registered rule (Bonferroni over C1's two tests,
-margin 5 points). Run: python notes/v5_length_check_power.py > notes/v5_length_check_power.txt"""
+margin 5 points). Run: python docs/checks/v5_length_check_power.py > docs/checks/v5_length_check_power.txt"""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ process; children alternate (default, heap, default, heap, ...) on the same mach
 ratio over rounds, never an absolute time. Each child evaluates one primary SAE (plain-encode, massive positions
 clean) on the first 25 test contexts, three times, with ``gsae.evals.evaluate_saes``, and prints its numbers.
 Run from the repository root after the default profile's caches exist:
-    python notes/malloc_check.py > notes/malloc_check.txt
+    python docs/checks/malloc_check.py > docs/checks/malloc_check.txt
 """
 import json
 import os
@@ -24,7 +24,7 @@ def child() -> None:
     from gsae.specs import load_trained
     from gsae.stages import load_lm
     from gsae.stages.evaluate import eval_context
-    from gsae.stages.train import all_specs
+    from gsae.stages.selection import all_specs
 
     p = load_profile("default")
     lm = load_lm(p, progress=False)

@@ -1,6 +1,6 @@
 """Compare two result directories number by number (what reproduces bit for bit between two runs).
 
-    python notes/compare_results.py results/default /path/to/other/clone/results/default
+    python docs/checks/compare_results.py results/default /path/to/other/clone/results/default
 
 Reads metrics.jsonl (every metric of every SAE, split and encoder), runs.jsonl (each SAE's final training terms)
 and the selection / convergence records, and prints how many values are identical, and for the others the largest

@@ -1,7 +1,7 @@
 """C2's window read once for every SAE (``evaluate.dead_fractions_over``) against the pass per SAE it replaced:
 the same numbers, and how much faster. Needs the default profile's harvest and trained SAEs (after ./run_all.sh).
 
-    python notes/dead_fraction_check.py > notes/dead_fraction_check.txt
+    python docs/checks/dead_fraction_check.py > docs/checks/dead_fraction_check.txt
 
 Rounds alternate the two ways so that both see the same machine; ratio = per-SAE passes / one shared pass.
 """
@@ -18,7 +18,7 @@ from gsae import paths, stages
 from gsae.config import load_profile
 from gsae.specs import load_trained
 from gsae.stages.evaluate import dead_fractions_over, reader
-from gsae.stages.train import all_specs
+from gsae.stages.selection import all_specs
 
 NAMES = ["primary/topk-k32-s0", "primary/gsae-k32-s0", "primary/topk-k8-s1", "primary/gsae-k64-s1",
          "length_2/topk-k32-s3", "length_2/gsae-k32-s3"]

@@ -1,7 +1,7 @@
 """Two evaluation shortcuts give the same numbers, bit for bit, as the slower computations they replace, on real
 data, in one process.
 
-    PYTHONPATH=. python notes/prefix_splice_check.py > notes/prefix_splice_check.txt
+    PYTHONPATH=. python docs/checks/prefix_splice_check.py > docs/checks/prefix_splice_check.txt
 
 - ``full_test`` starts each SAE after the first contexts ``evaluate`` already spliced it into (their kept sums,
   ``evals.evaluate_saes(resume_from=...)``); the reference splices all 400 test contexts from the first batch.
@@ -26,7 +26,8 @@ from gsae.specs import load_trained
 from gsae.stages import evaluate, load_lm
 from gsae.stages.full_test import run_full_test
 from gsae.stages.harvest import reader
-from gsae.stages.train import all_specs, train_specs
+from gsae.stages._jobs import train_specs
+from gsae.stages.selection import all_specs
 
 
 def patched_baselines(model, tokens, hook_name: str, mean_act, batch_contexts: int) -> tuple[float, float, float]:
