@@ -7,8 +7,8 @@ what to change, before any stage writes anything. A value of the wrong type (``l
 section, key and expected type (checked against the dataclass annotations before any ``__post_init__`` runs), and
 a YAML syntax error with its file:line:column.
 
-This module never imports ``gsae.arms`` (the arms import it): whether ``experiment.arms`` names registered arms,
-and what those arms need from the profile, is checked by ``gsae.specs.check_profile`` (``load_checked_profile``).
+Whether ``experiment.arms`` names registered arms is checked by ``gsae.specs.check_profile`` (this module never
+imports the arms, which import it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from .paths import ROOT
+from .typed_yaml import TypeMismatch, describe, typed_kwargs
 
 PROFILES_DIR = ROOT / "profiles"
 KNOWN_MODELS = ("smollm2-135m", "tiny", "gpt2")
@@ -124,6 +124,15 @@ class HarvestConfig:
     """Splits that also store g_free, the gradient of the CE against the model's own argmax
     (``gsae.lm.label_free_ce``): a gradient the model can compute without the next token (PREREG §1). Costs a
     second backward per batch; the train split needs it only to train an arm on it."""
+    label_free: str = field(default="argmax", metadata=ADDED_LATER)
+    """g_free: "argmax" (CE against the model's own argmax, scaled by ``grad_scale``) or "sampled" (the mean of
+    ``label_free_samples`` gradients against next tokens drawn from the model, its own constant; harvested and
+    evaluated only). Neither is a usable proxy here: both have a median cosine with g near 0 on validation rows
+    (E_y~p[grad CE(y)] = 0, so the sampled mean tends to 0; docs/checks/label_free_gradient.txt)."""
+    label_free_samples: int = field(default=4, metadata=ADDED_LATER)
+    """"sampled": how many label draws are averaged."""
+    label_free_seed: int = field(default=0, metadata=ADDED_LATER)
+    """"sampled": seed of the label draws (with the batch's first context)."""
 
     def __post_init__(self) -> None:
         _require(set(self.tokens) <= {"train", "val", "test"} and "train" in self.tokens,
@@ -135,6 +144,9 @@ class HarvestConfig:
                  f"harvest.dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         _require(set(self.label_free_splits) <= {"train", "val", "test"},
                  f"harvest.label_free_splits must name splits (train, val, test), got {self.label_free_splits}")
+        _require(self.label_free in ("argmax", "sampled"),
+                 f"harvest.label_free must be 'argmax' or 'sampled', got {self.label_free!r}")
+        _require(self.label_free_samples > 0, f"harvest.label_free_samples must be > 0, got {self.label_free_samples}")
 
 
 @dataclass(frozen=True)
@@ -194,8 +206,15 @@ class TrainConfig:
     max_norm_factor: float = 0.0
     """> 0: training batches leave out rows whose norm exceeds this multiple of the train split's median norm
     (massive activations, PREREG §2); 0 keeps every row."""
+    kl_frac: float = field(default=0.05, metadata=ADDED_LATER)
+    """KL fine-tuning arms only (``gsae.arms.kl_finetune``): the fraction of the training steps (the last ones)
+    trained on the arm's MSE loss + kl_coef x KL(clean || spliced) instead of the MSE loss alone (Karvonen 2025)."""
+    kl_coef: float = field(default=1.0, metadata=ADDED_LATER)
+    """KL fine-tuning arms only: the weight of the mean per-prediction KL (nats) beside the FVU."""
 
     def __post_init__(self) -> None:
+        _require(0 <= self.kl_frac < 1 and self.kl_coef >= 0,
+                 f"train.kl_frac must be in [0, 1) and train.kl_coef >= 0, got {self.kl_frac}, {self.kl_coef}")
         _require(self.tokens > 0 and self.batch_size > 0, "train.tokens and train.batch_size must be > 0")
         _require(self.tokens >= self.batch_size,
                  f"train.tokens={self.tokens} is smaller than one batch ({self.batch_size})")
@@ -393,127 +412,15 @@ SECTIONS: dict[str, type] = {k: v for k, v in typing.get_type_hints(Profile).ite
 """Every section a profile may hold, with its dataclass: the fields of ``Profile`` (the one list)."""
 
 
-class _Mismatch(Exception):
-    """A value does not fit a field's annotation; ``args[0]`` is an extra detail ("" or " (item 2 is ...)")."""
-
-
-_SCALARS: dict[Any, tuple[str, str]] = {int: ("an integer", "integers"), float: ("a float", "floats"),
-                                        bool: ("true or false", "booleans"), str: ("a string", "strings"),
-                                        type(None): ("null", "nulls")}
-
-
-def _expected(tp: Any, plural: bool = False) -> str:
-    """How a YAML user reads annotation ``tp``: "a float", "a list of integers", "a string or null", ..."""
-    if tp in _SCALARS:
-        return _SCALARS[tp][plural]
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_expected(a, plural) for a in args)
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return f"{'lists' if plural else 'a list'} of {_expected(args[0], True)}"
-    if origin is tuple and args and len(set(args)) == 1:
-        return f"{'lists' if plural else 'a list'} of {len(args)} {_expected(args[0], True)}"
-    if origin is tuple:
-        return f"{'lists' if plural else 'a list'} of {len(args)} items: {', '.join(_expected(a) for a in args)}"
-    if origin in (list, set, frozenset):
-        return f"{'lists' if plural else 'a list'} of {_expected(args[0], True) if args else 'values'}"
-    if origin is dict and len(args) == 2:
-        return f"{'mappings' if plural else 'a mapping'} of {_expected(args[0], True)} to {_expected(args[1], True)}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _describe(value: Any) -> str:
-    """A parsed YAML value as its reader wrote it: "the string '0.00l'", "the integer 3", "null", ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    kind = {int: "integer", float: "float", str: "string", list: "list", tuple: "list", dict: "mapping"}.get(
-        type(value), type(value).__name__)
-    text = repr(list(value) if isinstance(value, tuple) else value)
-    return f"the {kind} {text if len(text) <= 80 else text[:77] + '...'}"
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    """``value`` (parsed YAML) as field type ``tp``: YAML lists become tuples for tuple fields; an int is a valid
-    float (kept as it is, so config hashes do not change); anything else that does not fit raises ``_Mismatch``.
-    An annotation not handled here passes the value through (``__post_init__`` judges it)."""
-    if tp is Any:
-        return value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            try:
-                return _coerce(a, value)
-            except _Mismatch:
-                pass
-        raise _Mismatch("")
-    if tp in _SCALARS:
-        ok = {bool: isinstance(value, bool), type(None): value is None,
-              int: isinstance(value, int) and not isinstance(value, bool),
-              float: isinstance(value, (int, float)) and not isinstance(value, bool),
-              str: isinstance(value, str)}[tp]
-        if not ok:
-            raise _Mismatch("")
-        return value
-    if origin in (tuple, list, set, frozenset):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch("")
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise _Mismatch(f" ({len(value)} items, not {len(args)})")
-            item_types = list(args)
-        else:
-            item_types = [args[0] if args else Any] * len(value)
-        out = []
-        for i, (t, v) in enumerate(zip(item_types, value, strict=True)):
-            try:
-                out.append(_coerce(t, v))
-            except _Mismatch:
-                raise _Mismatch(f" (item {i + 1} is {_describe(v)})") from None
-        return tuple(out) if origin is tuple else origin(out)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch("")
-        kt, vt = args if len(args) == 2 else (Any, Any)
-        out_d = {}
-        for k, v in value.items():
-            try:
-                out_d[_coerce(kt, k)] = _coerce(vt, v)
-            except _Mismatch:
-                raise _Mismatch(f" (key {k!r} maps to {_describe(v)})") from None
-        return out_d
-    return value
-
-
-def _typed_kwargs(cls: type, section: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw``'s values checked against ``cls``'s field annotations (before its ``__post_init__`` compares them)."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        tp = hints.get(key, Any)
-        try:
-            kwargs[key] = _coerce(tp, value)
-        except _Mismatch as m:
-            hint = ""
-            if isinstance(value, str) and typing.get_origin(tp) is None and tp in (int, float):
-                try:
-                    float(value)
-                    hint = " (YAML reads a number without a decimal point in its mantissa, such as 1e-3, as a " \
-                           "string: write 1.0e-3)"
-                except ValueError:
-                    pass
-            raise ConfigError(f"section '{section}', key '{key}': expected {_expected(tp)}, got {_describe(value)}"
-                              f"{m.args[0] if m.args else ''}{hint}") from None
-    return kwargs
-
-
 def _build(cls: type, section: str, raw: dict[str, Any]) -> Any:
-    _require(isinstance(raw, dict), f"section '{section}' must be a mapping, got {_describe(raw)}")
+    _require(isinstance(raw, dict), f"section '{section}' must be a mapping, got {describe(raw)}")
     names = {f.name for f in fields(cls)}
     unknown = set(raw) - names
     _require(not unknown, f"unknown key(s) {sorted(unknown)} in section '{section}'; allowed: {sorted(names)}")
-    kwargs = _typed_kwargs(cls, section, raw)
+    try:
+        kwargs = typed_kwargs(cls, section, raw)
+    except TypeMismatch as e:
+        raise ConfigError(str(e)) from None
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -571,7 +478,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
     p = profile_file(name_or_path)
     raw = read_yaml(p)
     raw = {} if raw is None else raw
-    _require(isinstance(raw, dict), f"{shown_path(p)} must hold a YAML mapping of sections, got {_describe(raw)}")
+    _require(isinstance(raw, dict), f"{shown_path(p)} must hold a YAML mapping of sections, got {describe(raw)}")
     try:
         return profile_from_dict(p.stem, raw)
     except ConfigError as e:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -51,7 +52,7 @@ from .io import (
     write_json,
     write_manifest,
 )
-from .lm import Capture, capture, check_hook, check_tokens, frozen_params  # noqa: F401  (re-exported)
+from .lm import Capture, at_least_f32, capture, check_hook, check_tokens, frozen_params  # noqa: F401  (re-exported)
 from .progress import bar as tqdm  # tqdm-compatible; draws on the terminal, never in a notebook
 from .reader import ROW_INDEX_KEYS, ActivationReader, HarvestRows, rebuild_hint  # noqa: F401  (re-exported)
 
@@ -62,6 +63,101 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 MAX_UNDERFLOW = 1e-3
 """Largest fraction of g's nonzero entries that may round to zero in the storage dtype (float16 flushes
 |g| < 6e-8); above it the harvest stops and says to store bfloat16 or float32."""
+
+
+COSINE_BINS = 2000
+"""Bins of the histogram of cos(g_free, g) over [-1, 1] each shard's sidecar keeps: the manifest's median cosine
+(``label_free_cosine``) is read off it, to within 1/1000."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampled label-free gradient
+# --------------------------------------------------------------------------------------------------
+
+
+def batch_generator(seed: int, first_context: int) -> torch.Generator:
+    """The CPU generator of the draws for the batch starting at context ``first_context``: a pure function of
+    the harvest seed and the batch, so a resumed or distributed harvest draws the same labels."""
+    digest = hashlib.sha256(f"gsae-label-free:{int(seed)}:{int(first_context)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def sampled_next_tokens(logits: Tensor, samples: int, generator: torch.Generator) -> Tensor:
+    """[B, T-1, S] next tokens drawn from the model's own predictive distribution softmax(logits[:, t]) at
+    every predicting position t = 0..T-2, ``samples`` independent draws each. Inverse-CDF sampling with uniforms
+    from the CPU ``generator`` (float32, in [0, 1)): the same draws on any device, given the logits."""
+    probs = F.softmax(at_least_f32(logits[:, :-1].detach()), dim=-1)
+    cdf = probs.cumsum(-1)
+    u = torch.rand((*cdf.shape[:-1], samples), generator=generator, dtype=torch.float32)
+    target = u.to(cdf.device, cdf.dtype) * cdf[..., -1:]
+    return torch.searchsorted(cdf, target, right=True).clamp_max_(cdf.shape[-1] - 1)
+
+
+def sampled_label_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """[B, T-1] mean over the S sampled labels ``labels`` [B, T-1, S] of the CE of each prediction: summed over
+    positions, its gradient is the mean of the S gradients of the summed CE against one draw each (linearity),
+    for one backward. A label-free gradient that IS one: E_y~p[CE(y)] has gradient 0, but each draw's gradient
+    is the model's own 'surprise' direction, which the true-label gradient is one draw of (up to the data)."""
+    logp = F.log_softmax(at_least_f32(logits[:, :-1]), dim=-1)
+    return -logp.gather(-1, labels).mean(-1)
+
+
+def capture_label_free(model: HookedTransformer, tokens: Tensor, hook_name: str, cfg: HarvestConfig,
+                       first_context: int = 0) -> Capture:
+    """``capture`` with g_free, the label-free gradient ``cfg.label_free`` names: "argmax" is
+    ``gsae.lm.capture(..., label_free=True)`` itself; "sampled" the mean over ``cfg.label_free_samples`` draws
+    (``sampled_next_tokens`` with ``batch_generator(cfg.label_free_seed, first_context)``) of the summed-CE
+    gradient. g is computed exactly as ``capture`` does (same forward, same backward), so it has the same bits."""
+    if cfg.label_free == "argmax":
+        return capture(model, tokens, hook_name, True)
+    check_tokens(tokens, 2)
+    check_hook(model, hook_name)
+    leaves: list[Tensor] = []
+
+    def store_leaf(act: Tensor, hook: Any) -> Tensor:
+        leaves.append(act.detach().requires_grad_(True))
+        return leaves[-1]
+
+    with frozen_params(model), torch.enable_grad(), model.hooks(fwd_hooks=[(hook_name, store_leaf)]):
+        logits, per_token = model(tokens, return_type="both", loss_per_token=True, padding_side="right")
+        if len(leaves) != 1:
+            raise RuntimeError(f"hook {hook_name!r} fired {len(leaves)} times in one forward; expected once")
+        loss_sum = per_token.sum()
+        (g,) = torch.autograd.grad(loss_sum, leaves[0], retain_graph=True)
+        labels = sampled_next_tokens(logits, cfg.label_free_samples, batch_generator(cfg.label_free_seed,
+                                                                                      first_context))
+        (g_free,) = torch.autograd.grad(sampled_label_ce(logits, labels).sum(), leaves[0])
+    return Capture(x=leaves[0].detach(), g=g, loss_sum=loss_sum.detach(), n_pred=per_token.numel(), g_free=g_free)
+
+
+def cosine_stats(g: Tensor, g_free: Tensor) -> dict[str, Any]:
+    """Sum, count and ``COSINE_BINS``-bin histogram over [-1, 1] of the per-row cos(g_free, g) (float64; rows
+    where either is zero are left out): what a shard's sidecar keeps for the manifest's ``label_free_cosine``."""
+    g64, f64 = g.double(), g_free.double()
+    norms = g64.norm(dim=-1) * f64.norm(dim=-1)
+    ok = norms > 0
+    cos = ((g64 * f64).sum(-1)[ok] / norms[ok]).clamp(-1.0, 1.0)
+    hist = torch.histc(cos, bins=COSINE_BINS, min=-1.0, max=1.0) if cos.numel() else torch.zeros(COSINE_BINS)
+    return {"cos_free_sum": float(cos.sum()), "cos_free_n": int(cos.numel()),
+            "cos_free_hist": [int(c) for c in hist.tolist()]}
+
+
+def cosine_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Mean and (histogram) median of cos(g_free, g) over every row of the shards ``records`` (None when a shard
+    lacks the statistics, e.g. one written before they existed)."""
+    if not records or any("cos_free_hist" not in r for r in records):
+        return None
+    n = sum(r["cos_free_n"] for r in records)
+    if n == 0:
+        return None
+    counts = torch.tensor([r["cos_free_hist"] for r in records], dtype=torch.float64).sum(0)
+    cum = counts.cumsum(0)
+    i = int(torch.searchsorted(cum, torch.tensor([n / 2], dtype=torch.float64))[0])
+    below = float(cum[i - 1]) if i > 0 else 0.0
+    width = 2.0 / COSINE_BINS
+    median = -1.0 + width * (i + (n / 2 - below) / max(float(counts[i]), 1.0))
+    return {"mean": sum(r["cos_free_sum"] for r in records) / n, "median": median, "n_rows": n,
+            "median_resolution": width / 2}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +242,8 @@ def _harvest_shard(model: HookedTransformer, contexts: Tensor, plan: ShardPlan, 
     loss_sum, n_pred, done = 0.0, 0, 0
     g_nonzero = g_flushed = 0
     for b0 in range(start, stop, cfg.batch_contexts):
-        cap = capture(model, contexts[b0:min(b0 + cfg.batch_contexts, stop)], hook_name, label_free)
+        batch = contexts[b0:min(b0 + cfg.batch_contexts, stop)]
+        cap = capture_label_free(model, batch, hook_name, cfg, b0) if label_free else capture(model, batch, hook_name)
         d = cap.x.shape[-1]
         xs.append(_to_storage(cap.x[:, first:last].reshape(-1, d), dtype, "x")[0])
         g_stored, nonzero, flushed = _to_storage(cap.g[:, first:last].reshape(-1, d), dtype, "g")
@@ -169,11 +266,12 @@ def _harvest_shard(model: HookedTransformer, contexts: Tensor, plan: ShardPlan, 
     pos = torch.arange(first, last).repeat(stop - start)[:n_rows]
     tensors = {"x": x, "g": g, "tokens": contexts[ctx_index, pos],
                "ctx_index": ctx_index, "pos": pos}
-    if fs:
-        tensors["g_free"] = torch.cat(fs)[:n_rows]
     # Statistics from the STORED values (after the dtype cast), so a resumed run reports the same numbers.
     stats = {"sum_sq_g": float(g.double().pow(2).sum()), "sum_sq_x": float(x.double().pow(2).sum()),
              "loss_sum": loss_sum, "n_pred": n_pred}
+    if fs:
+        tensors["g_free"] = g_free = torch.cat(fs)[:n_rows]
+        stats.update(sum_sq_g_free=float(g_free.double().pow(2).sum()), **cosine_stats(g, g_free))
     return tensors, stats
 
 
@@ -209,7 +307,8 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
     """Harvest ``n_tokens`` (x, g) rows at ``hook_name`` from ``contexts_tokens`` [n_ctx, T] into ``out_dir``.
 
     Contexts are used in order; each keeps positions 1..T-2 (0..T-2 without ``cfg.exclude_pos0``). Returns
-    the manifest. With ``label_free`` every shard also stores ``g_free`` (``gsae.lm.label_free_ce``).
+    the manifest. With ``label_free`` every shard also stores ``g_free``, the estimator ``cfg.label_free`` names
+    (``capture_label_free``), and the manifest records its mean cosine with g (``label_free_cosine``).
     Resumable: a complete, verifying harvest is returned as is; otherwise shards whose sidecar
     matches are kept and the others recomputed. ``meta`` (e.g. model and data hashes) goes into the manifest
     and the plan hash, so a directory built from other inputs is never silently reused.
@@ -223,6 +322,9 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
     check_tokens(contexts_tokens, 3 if cfg.exclude_pos0 else 2)
     check_hook(model, hook_name)
     meta = dict(meta or {}, **({"label_free_gradient": True} if label_free else {}))
+    if label_free and cfg.label_free != "argmax":  # the argmax harvest keeps its plan hash (and directory)
+        meta.update(label_free_estimator=cfg.label_free, label_free_samples=cfg.label_free_samples,
+                    label_free_seed=cfg.label_free_seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(int(n_tokens), contexts_tokens.shape[1], contexts_tokens.shape[0], cfg)
@@ -304,6 +406,13 @@ def _write_harvest_manifest(out_dir: Path, plan: ShardPlan, plan_hash: str, cont
                        "mean_loss": sum(r["loss_sum"] for r in records) / sum(r["n_pred"] for r in records)},
         "resumed_shards": reused,
     }
+    if all("sum_sq_g_free" in r for r in records):
+        gs = manifest_meta["grad_stats"]
+        gs["mean_sq_norm_g_free"] = sum(r["sum_sq_g_free"] for r in records) / n
+        if meta.get("label_free_estimator", "argmax") != "argmax" and gs["mean_sq_norm_g_free"] > 0:
+            # its own dataset constant; the argmax g_free keeps the true-label grad_scale (v2's definition)
+            gs["grad_scale_free"] = math.sqrt(d / gs["mean_sq_norm_g_free"])
+        manifest_meta["label_free_cosine"] = cosine_summary(records)
     manifest = write_manifest(out_dir, manifest_meta, files=[r["file"] for r in records])
     bad = [r["file"] for r in records if manifest["files"][r["file"]] != r["sha256"]]
     if bad:

@@ -33,6 +33,17 @@ def rebuild_hint(harvest_dir: str | Path) -> str:
     return f"delete the harvest directory {harvest_dir} and re-run the harvest stage to rebuild it"
 
 
+def gradient_scale(manifest: dict[str, Any], gradient: str = "g") -> float:
+    """The dataset constant that scales ``gradient`` ("g" or "g_free") in a g-SAE's score, from a harvest manifest
+    (the train split's, where the constants are set): g_free's own ``grad_scale_free`` where the harvest recorded one
+    (the "sampled" estimator, ``HarvestConfig.label_free``), else the true-label ``grad_scale`` (the argmax g_free of
+    v2 is scaled like g)."""
+    stats = manifest["grad_stats"]
+    if gradient == "g_free" and "grad_scale_free" in stats:
+        return float(stats["grad_scale_free"])
+    return float(stats["grad_scale"])
+
+
 class HarvestRows(NamedTuple):
     x: Tensor
     """[n, d] float32 activations."""
@@ -87,6 +98,10 @@ class ActivationReader:
             if missing:
                 raise IntegrityError(f"{self.dir / missing[0]} listed in the manifest is missing; "
                                      f"{rebuild_hint(self.dir)}")
+
+    def grad_scale(self, gradient: str = "g") -> float:
+        """``gradient_scale`` of this harvest's manifest."""
+        return gradient_scale(self.manifest, gradient)
 
     def _load(self, i: int) -> dict[str, Tensor]:
         name = self.shards[i]["file"]

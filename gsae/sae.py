@@ -372,3 +372,41 @@ class GSAE(nn.Module):
             return
         parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
         self.W_dec.grad -= parallel * self.W_dec
+
+
+# --------------------------------------------------------------------------------------------------
+# How much the gradient changes the selection
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def selected_latents(sae: GSAE, x: Tensor, g: Tensor | None, beta: float | None = None) -> Tensor:
+    """[N, k] indices the g-SAE rule selects for the rows ``x`` [N, d_in] with gradient ``g`` at ``beta`` (the SAE's
+    own by default; its grad_norm and grad_scale either way): ``sae.encode(x, g).top_indices`` at the SAE's beta
+    (the same arithmetic), TopK(z) at beta = 0 or without ``g``."""
+    beta = sae.cfg.beta if beta is None else float(beta)
+    x = x.reshape(-1, sae.cfg.d_in)
+    s = z = ((x - sae.b_dec) @ sae.W_enc).add_(sae.b_enc)
+    if g is not None and beta != 0:
+        s = z * beta  # GSAE._select's in-place s + beta * s * attr: the same rounding
+        s.mul_(sae._attribution(g.reshape(-1, sae.cfg.d_in), z.dtype)).add_(z)
+    return s.topk(sae.cfg.k, dim=-1, sorted=False).indices
+
+
+def changed_count(selected: Tensor, reference: Tensor) -> Tensor:
+    """[N] how many of the k indices in each row of ``selected`` [N, k] are NOT in that row of ``reference`` [N, k]
+    (index sets: the order within a row does not matter)."""
+    return (~(selected[:, :, None] == reference[:, None, :]).any(-1)).sum(-1)
+
+
+@torch.no_grad()
+def selection_changed_share(sae: GSAE, x: Tensor, g: Tensor, beta: float | None = None, chunk: int = 4096) -> float:
+    """Mean over the rows of ``x`` of the share of the k latents the g-SAE rule selects with ``g`` at ``beta`` (the
+    SAE's own by default) that plain TopK(z) does not select: 0 at beta = 0, and 1 when the gradient replaces every
+    latent. Chunked, so any number of rows fits; for drawing the share against beta on the same weights."""
+    x, g = x.reshape(-1, sae.cfg.d_in), g.reshape(-1, sae.cfg.d_in)
+    changed = 0
+    for i in range(0, len(x), chunk):
+        xb, gb = x[i:i + chunk], g[i:i + chunk]
+        changed += int(changed_count(selected_latents(sae, xb, gb, beta), selected_latents(sae, xb, None)).sum())
+    return changed / (len(x) * sae.cfg.k) if len(x) else float("nan")

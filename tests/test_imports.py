@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "gsae"
 
 LAYERS = (
-    ("base", ("gsae.paths", "gsae.distributed", "gsae.progress", "gsae.io", "gsae.config", "gsae.runtime")),
+    ("base", ("gsae.paths", "gsae.distributed", "gsae.progress", "gsae.io", "gsae.typed_yaml", "gsae.config",
+              "gsae.runtime")),
     ("core", ("gsae.sae", "gsae.arms", "gsae.lm", "gsae.models", "gsae.data", "gsae.openwebtext", "gsae.harvest",
               "gsae.reader", "gsae.train", "gsae.evals", "gsae.steering", "gsae.probing", "gsae.specs",
               "gsae.release")),

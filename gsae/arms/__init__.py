@@ -21,4 +21,4 @@ from .registry import ENCODER_LABELS, Arm, LossTerms, by_architecture, get, name
 
 __all__ = ["ENCODER_LABELS", "Arm", "LossTerms", "by_architecture", "get", "names", "register", "unregister"]
 
-from . import gsae, topk  # noqa: E402,F401  (registers the built-in arms)
+from . import gsae, kl_finetune, topk  # noqa: E402,F401  (registers the built-in arms; kl_finetune: topk_kl, gsae_kl)

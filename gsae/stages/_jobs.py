@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import distributed, io
 from ..arms.saelens import save_sae
-from ..config import ConfigError, Profile
+from ..config import ConfigError, Profile, TrainConfig
 from ..io import registry_append
 from ..progress import bar
 from ..specs import SAESpec, sae_dir
@@ -22,10 +22,11 @@ from .evaluate import evaluate_specs
 
 
 def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str, progress: bool = True,
-                device=None) -> list:
+                device=None, lm=None) -> list:
     """Train (or resume, or skip) SAEs that share one batch stream (same seed and token budget) in ONE pass over
     it (``gsae.train.train_saes``) on ``device`` (default CPU); each is saved in SAELens format under
-    ``sae_dir(...)/sae``. Returns their directories."""
+    ``sae_dir(...)/sae``. Returns their directories. ``lm`` (the profile's LM) is needed when an arm KL
+    fine-tunes (``gsae.arms.kl_finetune``)."""
     from ..train import Job, TrainingDiverged, torch_threads, train_saes
 
     outs = [sae_dir(p, s, model_hash) for s in specs]
@@ -36,7 +37,7 @@ def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str,
         return outs
     for s, _ in todo:
         registry_append(p, {"event": "train_start", "sae": s.name, "sae_cfg": dataclasses.asdict(s.sae),
-                            "train_cfg": dataclasses.asdict(s.train)})
+                            "train_cfg": recorded_train_cfg(s.train)})
     if len({stream_key(s) for s, _ in todo}) > 1:
         raise ValueError(f"train_group needs SAEs that share one batch stream, got {[s.name for s, _ in todo]}")
     first = todo[0][0]
@@ -53,10 +54,11 @@ def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str,
             yield x, g
 
     desc = first.name + (f" +{len(todo) - 1} sharing its batches" if len(todo) > 1 else "")
+    kl = kl_data(p, lm, train_reader, cap) if any(getattr(s.arm_impl, "kl_finetune", False) for s, _ in todo) else None
     try:
         with torch_threads(t.threads):
             results = train_saes([Job(s.arm_impl, s.sae, s.train, out / "ckpt") for s, out in todo], stream,
-                                 progress=progress, desc=desc, device=device)
+                                 progress=progress, desc=desc, device=device, kl=kl)
     except BaseException as e:
         event = "train_diverged" if isinstance(e, TrainingDiverged) else "train_failed"
         for s, _ in todo:
@@ -68,13 +70,41 @@ def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str,
     return outs
 
 
+def kl_data(p: Profile, lm, train_reader, cap: float | None):
+    """The KL phase's LM and contexts (``gsae.arms.kl_finetune.KLData``): the train split's harvested contexts,
+    position 0 clean when the harvest drops it, rows above the training cap ``cap`` out of the MSE term and clean in
+    the splice, and the massive-activation tokens clean in the splice as the evaluation keeps them
+    (``eval.massive``)."""
+    from ..arms.kl_finetune import KLData
+    from .contexts import contexts
+    from .evaluate import MASSIVE_NORM_FACTOR
+
+    if lm is None:
+        raise ValueError("an arm that KL fine-tunes needs the LM: pass lm= to train_group")
+    tokens = contexts(p, lm.tokenizer, lm.info["model_hash"])["train"].tokens[:train_reader.manifest["n_contexts"]]
+    massive = MASSIVE_NORM_FACTOR * _median_norm(str(train_reader.dir)) if p.eval.massive == "clean" else None
+    return KLData(lm.model, p.model.hook_name, tokens, p.harvest.exclude_pos0, cap, massive)
+
+
+def recorded_train_cfg(train: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    """``train`` (a ``TrainConfig`` or a manifest's record of one) as manifests and the registry record it: settings
+    added later (``config.ADDED_LATER``, e.g. ``kl_frac``) are left out at their defaults, so the SAEs trained
+    before they existed keep matching."""
+    rec = dataclasses.asdict(train) if isinstance(train, TrainConfig) else dict(train)
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("hash_default", True) and rec.get(f.name, f.default) == f.default:
+            rec.pop(f.name, None)
+    return rec
+
+
 def check_trained_config(spec: SAESpec, out: Path) -> None:
     """An SAE directory is keyed by the SAE's name and its data, not by every training setting: one trained under
     other settings (e.g. before the profile's ``train.tokens`` changed) is refused, never reused as this spec."""
     made = io.read_manifest(out)
     if made is None:
         return
-    want = {"sae_cfg": dataclasses.asdict(spec.sae), "train_cfg": dataclasses.asdict(spec.train)}
+    want = {"sae_cfg": dataclasses.asdict(spec.sae), "train_cfg": recorded_train_cfg(spec.train)}
+    made = {**made, "train_cfg": recorded_train_cfg(made.get("train_cfg") or {})}
     stale = [key for key, value in want.items() if json.loads(json.dumps(value)) != made.get(key)]
     if stale:
         raise ConfigError(f"{out} holds {spec.name} trained with other {' and '.join(stale)} than the profile now "
@@ -104,7 +134,7 @@ def _save_trained(p: Profile, spec: SAESpec, out, res, train_reader, model_hash:
     io.write_json(out / "train.json", {"history": res.history, "seconds": res.seconds, "n_tokens": res.n_tokens,
                                        "metrics": {"all": {"dead_fraction_train": dead_train}}})
     io.write_manifest(out, {"stage": "train", **meta, "sae_cfg": dataclasses.asdict(spec.sae),
-                            "train_cfg": dataclasses.asdict(spec.train)},
+                            "train_cfg": recorded_train_cfg(spec.train)},
                       files=["sae/cfg.json", "sae/sae_weights.safetensors", "train.json"])
     shutil.rmtree(out / "ckpt", ignore_errors=True)
     registry_append(p, {"event": "train_done", "sae": spec.name, "seconds": round(res.seconds, 2),
@@ -128,7 +158,7 @@ def train_specs(p: Profile, lm, specs: list[SAESpec], train_reader, progress: bo
         streams.setdefault(stream_key(s), []).append(s)
     device, mh = module_device(lm.model), lm.info["model_hash"]
     for group in bar(list(streams.values()), desc="SAE groups", unit="group", disable=not progress or len(streams) < 2):
-        train_group(p, group, train_reader, mh, progress, device)
+        train_group(p, group, train_reader, mh, progress, device, lm=lm)
     distributed.barrier()
 
 

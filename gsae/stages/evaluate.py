@@ -4,6 +4,8 @@ Per SAE it writes ``eval_<split>-<key>.json`` (``{"metrics": {mode: {...}}}``) a
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -16,7 +18,9 @@ from .. import lm as lm_passes
 from ..config import Profile, config_hash
 from ..paths import run_dir
 from ..progress import bar
+from ..reader import gradient_scale
 from ..runtime import module_device, to_device
+from ..sae import changed_count
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
 from .contexts import contexts
 from .harvest import reader
@@ -100,17 +104,21 @@ class ActivationMetrics:
     """FVU, MSE, L0 and per-latent firing counts of one encoder, accumulated over chunks of harvested rows.
 
     With ``norm_cap`` also ``fvu_typical``: the pooled FVU over the rows whose norm is at most ``norm_cap``
-    (see ``MASSIVE_NORM_FACTOR``), and ``n_massive``, the number of rows left out of it."""
+    (see ``MASSIVE_NORM_FACTOR``), and ``n_massive``, the number of rows left out of it. Given the plain-encode's
+    selection of the same rows (``add(..., reference=)``), also ``selection_changed_share``: the mean over rows of
+    the share of this encoder's k latents that plain TopK(z) does not select (``gsae.sae.selection_changed_share``)."""
 
     def __init__(self, sae, mode: str, norm_cap: float | None = None):
         self.sae, self.mode, self.norm_cap = sae, mode, norm_cap
         self.stats, self.typical = evals.ReconstructionStats(sae.cfg.d_sae), evals.ReconstructionStats(sae.cfg.d_sae)
         self.n_massive = 0
+        self.n_changed = self.n_compared = 0
 
     @torch.no_grad()
-    def add(self, xb: torch.Tensor, gb: torch.Tensor | None) -> None:
+    def add(self, xb: torch.Tensor, gb: torch.Tensor | None, reference: torch.Tensor | None = None) -> torch.Tensor:
         """One chunk of rows (on the SAE's device, or moved there) and the gradient this encoder uses (ignored
-        for ``mode="plain"``)."""
+        for ``mode="plain"``); ``reference``: the plain-encode's [n, k] selection of these rows. Returns this
+        encoder's [n, k] selection."""
         device = module_device(self.sae)
         xb = to_device(xb, device)
         enc = self.sae.encode(xb, to_device(gb, device) if self.mode != "plain" and gb is not None else None)
@@ -120,6 +128,10 @@ class ActivationMetrics:
             keep = xb.norm(dim=-1) <= self.norm_cap
             self.n_massive += int((~keep).sum())
             self.typical.add(xb[keep], x_hat[keep], enc.top_acts[keep], enc.top_indices[keep])
+        if reference is not None:
+            self.n_changed += int(changed_count(enc.top_indices, to_device(reference, device)).sum())
+            self.n_compared += enc.top_indices.numel()
+        return enc.top_indices
 
     def result(self) -> dict[str, Any]:
         stats = self.stats
@@ -127,16 +139,51 @@ class ActivationMetrics:
                "dead_fraction": float((stats.counts == 0).double().mean())}
         if self.norm_cap is not None:
             out.update(fvu_typical=self.typical.fvu, n_massive=self.n_massive, massive_norm_cap=self.norm_cap)
+        if self.n_compared:
+            out["selection_changed_share"] = self.n_changed / self.n_compared
         return out
 
 
 def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor | None, mode: str, chunk: int = ACT_CHUNK,
                        norm_cap: float | None = None) -> dict[str, Any]:
-    """``ActivationMetrics`` of one encoder over the rows ``x`` and its gradient ``g`` (no LM forward needed)."""
+    """``ActivationMetrics`` of one encoder over the rows ``x`` and its gradient ``g`` (no LM forward needed); a
+    gradient encoder given ``g`` also reports ``selection_changed_share`` against the plain-encode."""
     acc = ActivationMetrics(sae, mode, norm_cap)
+    plain = ActivationMetrics(sae, "plain") if mode != "plain" and g is not None else None
     for i in range(0, len(x), chunk):
-        acc.add(x[i:i + chunk], None if g is None else g[i:i + chunk])
+        ref = None if plain is None else plain.add(x[i:i + chunk], None)
+        acc.add(x[i:i + chunk], None if g is None else g[i:i + chunk], reference=ref)
     return acc.result()
+
+
+def gradient_scales(p: Profile, model_hash: str) -> dict[str, float] | None:
+    """Each gradient's dataset constant ({"g": grad_scale, "g_free": grad_scale_free}) when the harvest recorded
+    g_free's own (``HarvestConfig.label_free="sampled"``), else None: every gradient is then scaled by the SAE's own
+    ``grad_scale`` (the true-label constant), as before. g's is the train split's; g_free's the train split's where
+    it stored g_free, else the validation split's (never the test split's), as a ratio to that split's g constant
+    times the train split's."""
+    train = reader(p, "train", model_hash).manifest
+    if "grad_scale_free" in train["grad_stats"]:
+        return {m: gradient_scale(train, m) for m in ("g", "g_free")}
+    if "val" not in p.harvest.label_free_splits:
+        return None
+    val = reader(p, "val", model_hash).manifest
+    if "grad_scale_free" not in val["grad_stats"]:
+        return None
+    c_g = gradient_scale(train, "g")
+    return {"g": c_g, "g_free": c_g * gradient_scale(val, "g_free") / gradient_scale(val, "g")}
+
+
+def encoder_view(sae, mode: str, scales: dict[str, float] | None):
+    """``sae`` as the encoder ``mode`` reads it: with ``scales`` (``gradient_scales``) a view sharing its weights
+    whose ``grad_scale`` is that gradient's own constant; the SAE itself when nothing changes."""
+    cfg = getattr(sae, "cfg", None)
+    if (scales is None or mode not in scales or not dataclasses.is_dataclass(cfg)
+            or getattr(cfg, "grad_norm", None) != "dataset" or cfg.grad_scale == scales[mode]):
+        return sae
+    view = copy.copy(sae)  # shares the parameters
+    view.cfg = dataclasses.replace(cfg, grad_scale=scales[mode])
+    return view
 
 
 def standard_names(lm_part: dict[str, Any], act: dict[str, Any]) -> dict[str, float]:
@@ -210,15 +257,21 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
                                            encode_modes=group_modes, batch_contexts=p.eval.batch_contexts,
                                            progress=progress, clean_above=cap if p.eval.massive == "clean" else None,
                                            checkpoint=sums))
-        acc = {(s.name, mode): ActivationMetrics(saes[s.name], mode, cap) for s in todo for mode in encoders(s)}
+        scales = gradient_scales(p, mh)
+        acc = {(s.name, mode): ActivationMetrics(encoder_view(saes[s.name], mode, scales), mode, cap)
+               for s in todo for mode in encoders(s)}
         for rows in rd.chunks(ACT_CHUNK):
             x = to_device(rows.x, device)  # moved once, shared by every SAE
             grads = {m: to_device(rows.gradient(m), device) for m in modes if m != "plain"}
-            for (_, mode), a in acc.items():
-                a.add(x, grads.get(mode))
+            for s in todo:  # plain-encode first: its selection is what the gradient encoders are compared with
+                ref = acc[s.name, "plain"].add(x, None)
+                for mode in encoders(s):
+                    if mode != "plain":
+                        acc[s.name, mode].add(x, grads.get(mode), reference=ref)
         dead_train = {}  # C2's window: the whole training split, with the encoder each SAE trained with
         if split == "test":
-            trained_with = {s.name: (saes[s.name], s.primary_encode) for s in todo}
+            trained_with = {s.name: (encoder_view(saes[s.name], s.primary_encode, scales), s.primary_encode)
+                            for s in todo}
             dead_train = dead_fractions_over(trained_with, reader(p, "train", mh), progress=progress)
         for s in todo:
             d = sae_dir(p, s, mh)
