@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # gsae replication entry point.
-#   ./run_all.sh [--profile smoke|default|paper] [--force [--reselect]] [--dry-run]   run every notebook in order
+#   ./run_all.sh [--profile smoke|default|paper] [--device cpu|cuda|cuda:N] [--force [--reselect]] [--dry-run]
+#     run every notebook in order; --device overrides the profile's runtime.device (default: a GPU if present);
 #     --force recomputes what the stages computed; --reselect (implies --force) also the selection and convergence
 #     records, which the default profile's study reuses as registered inputs (gsae.pipeline.SELECTION_RECORDS)
 #   ./run_all.sh --tests [pytest args]                                    ruff + the test suite
@@ -9,17 +10,19 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$(pwd)
 
-profile=default force=0 reselect=0 dry=0 tests=0
+profile=default device='' force=0 reselect=0 dry=0 tests=0
 pytest_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile=${2:?--profile needs a name: smoke, default or paper}; shift 2 ;;
     --profile=*) profile=${1#*=}; shift ;;
+    --device) device=${2:?--device needs cpu, cuda or cuda:N}; shift 2 ;;
+    --device=*) device=${1#*=}; shift ;;
     --force) force=1; shift ;;
     --reselect) force=1 reselect=1; shift ;;
     --dry-run) dry=1; shift ;;
     --tests) tests=1; shift; pytest_args=("$@"); break ;;
-    -h|--help) sed -n 2,7p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,8p "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -68,24 +71,33 @@ if [ "$tests" = 1 ]; then
   exec .venv/bin/python -m pytest -n auto --dist loadfile --no-loadscope-reorder "${pytest_args[@]}"
 fi
 
-.venv/bin/python -m gsae.pipeline check --profile "$profile" $([ "$dry" = 1 ] && echo --dry-run)
+# --device reaches every process: the check, the claims stage and each notebook's setup (a notebook parameter).
+dev_args=() nb_dev=()
+[ -n "$device" ] && dev_args=(--device "$device") nb_dev=(-p device "$device")
+.venv/bin/python -m gsae.pipeline check --profile "$profile" "${dev_args[@]}" $([ "$dry" = 1 ] && echo --dry-run)
 [ "$dry" = 1 ] && exit 0
 [ "$force" = 1 ] && .venv/bin/python -m gsae.pipeline clean --profile "$profile" $([ "$reselect" = 1 ] && echo --reselect)
 
 # The default profile's executed notebooks are committed in notebooks/; other profiles keep theirs in runs/.
 if [ "$profile" = default ]; then out=notebooks; else out=runs/$profile/notebooks; mkdir -p "$out"; fi
 # Progress goes to this terminal, not into the notebooks: gsae.progress draws the stage, done/total, rate and ETA
-# (a line at least every 15 s when the output is not a tty), labelled with GSAE_STAGE. papermill's own cell counter
-# would fight it for the line, and libraries' bars would only clutter the notebook (TQDM_DISABLE, HF_HUB_...; the
-# widget bars that ignore both are removed by gsae.notebook_tidy, with the machine paths).
+# (a line at least every 15 s when the output is not a tty), labelled with GSAE_STAGE. gsae.tools.execute_notebook
+# runs papermill without its cell counter and with the kernel's connection encrypted (no kernel warning here);
+# libraries' bars would only clutter the notebook (TQDM_DISABLE, HF_HUB_...; the widget bars that ignore both are
+# removed, with the machine paths, by gsae.tools.notebook_tidy, which says nothing unless something is wrong).
 for nb in notebooks/[0-9][0-9]_*.ipynb; do
   name=$(basename "$nb" .ipynb)
+  # Notebook 06 presents the registered analysis without the LM: the claims stage writes what it reads.
+  if [ "$name" = 06_claims ]; then
+    echo "== claims stage ($profile): metrics.jsonl, ledger.json, claims.md"
+    GSAE_STAGE=claims .venv/bin/python -m gsae.pipeline claims --profile "$profile" "${dev_args[@]}"
+  fi
   echo "== $name ($profile)"
   tmp="$out/.running-$name.ipynb" started=$SECONDS
   GSAE_STAGE=$name MPLBACKEND=module://matplotlib_inline.backend_inline TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
-    .venv/bin/papermill --log-level WARNING --no-progress-bar -k python3 -p profile "$profile" "$nb" "$tmp"
+    .venv/bin/python -m gsae.tools.execute_notebook "$nb" "$tmp" -p profile "$profile" "${nb_dev[@]}"
   mv "$tmp" "$out/$name.ipynb"
-  .venv/bin/python -m gsae.notebook_tidy --root "$ROOT" "$out/$name.ipynb"
+  .venv/bin/python -m gsae.tools.notebook_tidy --root "$ROOT" "$out/$name.ipynb"
   echo "== $name done in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
 done
 .venv/bin/python -m gsae.pipeline summary --profile "$profile"

@@ -121,7 +121,7 @@ def summary(p: Profile) -> str:
                 f"{t['test']} {'—' if t['estimate'] != t['estimate'] else _effect(t)}" for t in c["primary"])
             out.append(f"  {c['claim']} {c['title']}: {c['verdict'].upper()} ({tests})")
     notebooks = ROOT / "notebooks" if p.name == "default" else run_dir(p) / "notebooks"
-    out += [f"notebooks: {rel(notebooks)}/  figures: {rel(figures_dir(p))}/  full ledger: "
+    out += [f"notebooks: {rel(notebooks)}/  figures: {rel(figures_dir(p))}/ (headline.png)  full ledger: "
             f"{rel(results_dir(p) / 'claims.md')}",
             f"released SAEs: {rel(ROOT / 'saes' / p.name)}/  dashboards: {rel(results_dir(p) / 'dashboards')}/  "
             f"every trained SAE: {rel(run_dir(p) / 'saes')}/"]
@@ -134,8 +134,9 @@ def _effect(t: dict) -> str:
     return f"{100 * t['estimate']:+.1f}% [{100 * t['lower']:+.1f}%, {100 * t['upper']:+.1f}%]"
 
 
-def setup(profile: str) -> Profile:
-    """A notebook's one setup call: offline and quiet defaults, the validated profile, and where its outputs are."""
+def setup(profile: str, device: str | None = None) -> Profile:
+    """A notebook's one setup call: offline and quiet defaults, the validated profile (``device``, when given,
+    overrides ``runtime.device`` as ``--device`` does on the command line), and where its outputs are."""
     import os
     import warnings
 
@@ -143,7 +144,9 @@ def setup(profile: str) -> Profile:
     os.environ.setdefault("WANDB_MODE", "disabled")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     p = load_checked_profile(profile)
-    print(where(p))
+    if device:
+        p = dataclasses.replace(p, runtime=dataclasses.replace(p.runtime, device=device))
+    print(where(p) + (f"  device: {p.runtime.device}" if device else ""))
     return p
 
 

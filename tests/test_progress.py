@@ -223,3 +223,31 @@ def test_papermill_progress_goes_to_terminal_and_each_figure_shows_once(tmp_path
     assert not any("nbtest" in json.dumps(o) for o in outputs)  # no progress in the notebook
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
     assert (tmp_path / "figures" / "line.png").stat().st_size > 0
+
+
+# --- run_all.sh's notebook runner and the notebooks' setup --------------------------------------------------------
+
+def test_execute_notebook_injects_parameters_on_an_encrypted_kernel_without_a_warning(tmp_path):
+    v4 = nbformat.v4
+    params = v4.new_code_cell('profile = "default"\ndevice = None')
+    params.metadata["tags"] = ["parameters"]
+    nb = v4.new_notebook(cells=[params, v4.new_code_cell("print(profile, device)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    run = subprocess.run([sys.executable, "-m", "gsae.tools.execute_notebook", "in.ipynb", "out.ipynb", "-p",
+                          "profile", "smoke", "-p", "device", "cpu"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "without encryption" not in run.stderr and run.stdout == "", run.stderr
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert out.cells[-1].outputs[0].text == "smoke cpu\n"
+
+
+def test_setup_applies_the_notebook_device_parameter(capsys):
+    from gsae.config import ConfigError
+    from gsae.pipeline import setup
+
+    assert setup("smoke").runtime.device == "auto"
+    assert setup("smoke", "cpu").runtime.device == "cpu" and "device: cpu" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="runtime.device"):
+        setup("smoke", "npu")

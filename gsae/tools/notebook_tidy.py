@@ -1,7 +1,8 @@
 """Make an executed notebook fit to commit: no progress widgets, no machine paths, no duplicated timestamps.
 
-``python -m gsae.notebook_tidy [--root DIR] NOTEBOOK...`` (run_all.sh runs it after papermill) rewrites each
-notebook in place, atomically; a second run changes nothing. Cell sources and image outputs are never touched.
+``python -m gsae.tools.notebook_tidy [--root DIR] [--verbose] NOTEBOOK...`` (run_all.sh runs it after each
+notebook) rewrites each notebook in place, atomically, silently (``--verbose`` says what it changed; an error is
+always reported); a second run changes nothing. Cell sources and image outputs are never touched.
 
 - Widget outputs (tqdm.auto bars of libraries) and the notebook's saved widget state go: without a live kernel
   they render as "Loading widget..." or a frozen ``0%|          | 0/121`` (progress belongs on the terminal).
@@ -177,14 +178,16 @@ def tidy_file(path: str | Path, root: str | Path = ROOT) -> TidyStats:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gsae.notebook_tidy", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gsae.tools.notebook_tidy", description=__doc__.splitlines()[0])
     ap.add_argument("notebooks", nargs="+", type=Path, help="executed .ipynb files, rewritten in place")
     ap.add_argument("--root", type=Path, default=ROOT, help="repository root whose absolute path is made relative")
+    ap.add_argument("--verbose", action="store_true", help="say what was tidied in each notebook")
     args = ap.parse_args(argv)
     for nb_path in args.notebooks:
         s = tidy_file(nb_path, args.root)
-        print(f"tidied {nb_path}: {s.widget_outputs} widget outputs, {s.path_strings} machine paths, "
-              f"{s.redraws} redrawn streams, {s.metadata_keys} metadata entries")
+        if args.verbose:
+            print(f"tidied {nb_path}: {s.widget_outputs} widget outputs, {s.path_strings} machine paths, "
+                  f"{s.redraws} redrawn streams, {s.metadata_keys} metadata entries")
     return 0
 
 
