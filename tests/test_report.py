@@ -116,3 +116,11 @@ def test_committed_readme_and_ledger_match_the_committed_results():
 def test_the_registered_prereg_loads():
     pre = load_prereg(REPO / "prereg.yaml")
     assert pre["profile"] == "default" and pre["primary_k"] == [32]
+
+
+def test_a_resolved_gain_short_of_the_minimum_says_so():
+    # gains 0.9, 1.1, 1.0, 1.0 % of TopK's 0.5: the interval excludes 0 and the 5 % minimum, "not replicated"
+    rows = rows_with([0.5] * 4, [0.4955, 0.4945, 0.495, 0.495], [0.01] * 4, [0.01] * 4)
+    c1 = report.build(PREREG, rows, d_sae=2304).answer.splitlines()[0]
+    assert "Fidelity (C1): not replicated." in c1 and "gain +1.0% [+0." in c1
+    assert "above 0 but short of the 5% the claim needs" in c1

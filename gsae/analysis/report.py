@@ -122,6 +122,8 @@ def render_answer(results: list[ClaimResult], pre: dict[str, Any], d_sae: int | 
                 parts.append(f"{words}: {means}; difference {effect_text(r, True)} ({need})")
             else:
                 need = f"the claim needs ≥ {100 * float(t['min_rel_effect']):g}%"
+                if r.lower > 0 and r.verdict == "not replicated":  # a resolved gain, short of the registered minimum
+                    need = f"above 0 but short of the {100 * float(t['min_rel_effect']):g}% the claim needs"
                 parts.append(f"{words}: {means}; gain {effect_text(r)} ({need})")
         n = max((r.n for r in c.primary), default=0)
         lines.append(f"- **{PLAIN_NAMES.get(c.claim, c.claim)} ({c.claim}): {c.verdict}.** " + "; ".join(parts)
