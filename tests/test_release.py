@@ -168,7 +168,8 @@ def test_export_release_writes_checked_files_and_unknown_names_list_the_availabl
 
     weights = tmp_path / names[0] / release.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-2] + b"\x00\x00")
-    with pytest.raises(IntegrityError, match=r"corrupted.*re-export them: python -m gsae.pipeline release --profile smoke"):
+    with pytest.raises(IntegrityError, match=r"corrupted.*re-export them: python -m gsae.pipeline release --profile "
+                                             r"smoke"):
         release.load_pretrained(names[0], root=tmp_path)
     with pytest.raises(release.ReleaseError, match=r"available: smoke/gsae-k8-s0, smoke/topk-k8-s0"):
         release.load_pretrained("smoke/gsae-k99-s0", root=tmp_path)
