@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tiny_text
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -29,10 +30,7 @@ def tiny_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTrans
 
 
 def progressions(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Arithmetic progressions mod V with a random start and step 1..5: predictable after two tokens."""
-    start = torch.randint(0, V, (n, 1), generator=gen)
-    step = torch.randint(1, 6, (n, 1), generator=gen)
-    return (start + step * torch.arange(T)) % V
+    return tiny_text.progressions(n, gen, V, T)
 
 
 @pytest.fixture(scope="module")

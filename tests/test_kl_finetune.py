@@ -12,6 +12,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import tiny_text
 import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -30,10 +31,7 @@ PAIRS = [("topk", "topk_kl", 0.0), ("gsae", "gsae_kl", 1.0)]
 
 
 def progressions(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Arithmetic progressions mod V (random start, step 1..5): predictable after two tokens."""
-    start = torch.randint(0, V, (n, 1), generator=gen)
-    step = torch.randint(1, 6, (n, 1), generator=gen)
-    return (start + step * torch.arange(T)) % V
+    return tiny_text.progressions(n, gen, V, T)
 
 
 @pytest.fixture(scope="module")
