@@ -124,3 +124,19 @@ def test_a_resolved_gain_short_of_the_minimum_says_so():
     c1 = report.build(PREREG, rows, d_sae=2304).answer.splitlines()[0]
     assert "Fidelity (C1): not replicated." in c1 and "gain +1.0% [+0." in c1
     assert "above 0 but short of the 5% the claim needs" in c1
+
+
+@pytest.mark.parametrize("sd,n,family", [(0.0228, 16, 2), (0.0075, 16, 2), (0.05, 8, 1)])
+def test_detection_limit_is_the_noncentral_t_power_and_the_replication_threshold_is_above_the_minimum(sd, n, family):
+    """The detection limit is the gain at which P(lower > 0) = 80 %: under normal gains the paired t statistic is a
+    noncentral t with df n - 1 and noncentrality gain * sqrt(n) / sd, solved here independently with scipy."""
+    from scipy import optimize
+
+    from gsae.analysis.ledger import TestResult
+
+    r = TestResult("m (plain)", 32, "primary", "not replicated", 0.01, 0.0, 0.02, 1.0, n, 1.0, 0.99, sd)
+    detect, replicate = report.limits(r, 0.05, family, 0.05)
+    crit = sps.t.ppf(1 - 0.05 / (2 * family), n - 1)
+    expected = optimize.brentq(lambda d: sps.nct.sf(crit, n - 1, d * np.sqrt(n) / sd) - 0.8, 1e-9, 1.0)
+    assert detect == pytest.approx(expected, rel=1e-4)
+    assert replicate >= 0.05 > detect or replicate >= detect >= 0.05

@@ -164,12 +164,13 @@ def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, su
              + f" of TopK's ΔCE (design target ≤ {100 * pre['power_target_half_width']:.1f}%).\n")
     checks = ledger.evaluate_length_check(pre, rows)
     curve_head = ("C1 across the k grid, on its own curve tests at every k (never decisive; the verdict reads C1's "
-                  "registered tests). Replication threshold: the smallest true gain the rule would call "
-                  "\"replicated\" with 80% power at that k's seed count and measured SD.\n")
+                  "registered tests), with each test's detection limit and replication threshold at that k's seed "
+                  "count and measured SD (80% power).\n")
     md = "\n".join(part for part in (
         "# Claims ledger (generated from metrics.jsonl and prereg.yaml; do not edit)\n",
         "Gains are (TopK − g-SAE) / TopK in % (positive = g-SAE better) unless marked as a difference.\n",
-        render(results, pre) + power, superseded, convergence, render_length_check(checks, pre),
+        render(results, pre) + power, render_limits(results, pre), superseded, convergence,
+        render_length_check(checks, pre),
         render_secondary(results, pre), curve_head, render_curve(results, pre), QUALITY_NOTE + "\n",
         render_quality(rows)) if part)
     record = {"prereg_version": pre["version"],
@@ -248,10 +249,50 @@ def render_secondary(results: list[ClaimResult], prereg: dict[str, Any]) -> str:
     return "Secondary tests (reported, never part of a verdict):\n\n" + "\n".join(lines) + "\n"
 
 
+def limits(r: TestResult, alpha: float, family: int, min_effect: float, power: float = 0.8) -> tuple[float, float]:
+    """Two sizes of a relative test at its seed count and measured SD, never to be confused:
+
+    * the **detection limit**: the smallest true gain whose interval excludes 0 (lower > 0) with probability
+      ``power``, the sensitivity of the design;
+    * the **replication threshold**: the smallest true gain the rule calls "replicated" with probability ``power``;
+      it includes "the estimate reaches the minimum effect", so it is at least ``min_effect`` by construction.
+
+    Both from ``decision.minimum_detectable_effect`` (nan when the SD is not positive)."""
+    if not r.sd > 0:
+        return math.nan, math.nan
+    return (decision.minimum_detectable_effect(r.sd, r.n, alpha, power, family, 0.0),
+            decision.minimum_detectable_effect(r.sd, r.n, alpha, power, family, min_effect))
+
+
+def _size(x: float) -> str:
+    return "—" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def render_limits(results: list[ClaimResult], prereg: dict[str, Any], power: float = 0.8) -> str:
+    """One line per deciding relative test: its detection limit and its replication threshold (``limits``)."""
+    lines = []
+    for c in results:
+        specs = {f"{t['metric']} ({t['encode_mode']})": t for t in prereg["claims"][c.claim]["tests"]}
+        for r in c.primary:
+            t = specs[r.test]
+            if t["rule"] != "relative" or math.isnan(r.estimate):
+                continue
+            detect, replicate = limits(r, float(prereg["alpha"]), len(c.primary), float(t["min_rel_effect"]), power)
+            lines.append(f"- {c.claim}, {r.test} at k = {r.k}, n = {r.n}: detection limit {_size(detect)}, "
+                         f"replication threshold {_size(replicate)}")
+    if not lines:
+        return ""
+    return (f"Sizes of the deciding tests at their measured SD ({100 * power:g}% power, the deciding interval): the "
+            f"**detection limit** is the smallest true gain whose interval would exclude 0; the **replication "
+            f"threshold** the smallest the rule would call \"replicated\" (at least the minimum effect, by "
+            f"construction). A \"not replicated\" says the gain is below the minimum effect, not that there is "
+            f"none.\n\n" + "\n".join(lines) + "\n")
+
+
 def render_curve(results: list[ClaimResult], prereg: dict[str, Any], claim: str = "C1", power: float = 0.8) -> str:
     """Per k of the grid, ``claim``'s tests (the primary k's interval is Bonferroni-adjusted, the others per k)
-    and the minimum detectable effect of each: the smallest true gain the rule calls "replicated" with
-    probability ``power`` at that k's seed count and measured SD (``decision.minimum_detectable_effect``)."""
+    with two sizes at that k's seed count and measured SD (``limits``): the detection limit and the replication
+    threshold."""
     c = next(c for c in results if c.claim == claim)
     own = "curve_tests" in prereg["claims"][claim]  # the curve's own tests at every k (PREREG §3)
     tests = [t for t in prereg["claims"][claim]["curve_tests" if own else "tests"] if t["rule"] == "relative"]
@@ -259,21 +300,20 @@ def render_curve(results: list[ClaimResult], prereg: dict[str, Any], claim: str 
     for r in c.curve if own else c.primary + c.curve:
         by_k.setdefault(r.k, []).append(r)
     names = [f"{t['metric']} ({t['encode_mode']})" for t in tests]
-    head = " | ".join(f"{n}: gain [interval] | verdict | replication threshold" for n in names)
-    lines = [f"| k | n | {head} |", "|---|---|" + "---|---|---|" * len(names)]
+    head = " | ".join(f"{n}: gain [interval] | verdict | detection limit | replication threshold" for n in names)
+    lines = [f"| k | n | {head} |", "|---|---|" + "---|---|---|---|" * len(names)]
     alpha = float(prereg["alpha"])
     for k in sorted(by_k):
         cells = []
         for t, name in zip(tests, names, strict=True):
             r = next((x for x in by_k[k] if x.test == name), None)
             if r is None or math.isnan(r.estimate):
-                cells.append(f"— | {r.verdict if r else 'not tested'} | —")
+                cells.append(f"— | {r.verdict if r else 'not tested'} | — | —")
                 continue
             family = len(c.primary) if k in prereg["primary_k"] and not own else len(tests)
-            mde = (decision.minimum_detectable_effect(r.sd, r.n, alpha, power, family, float(t["min_rel_effect"]))
-                   if r.sd > 0 else math.nan)
-            cells.append(f"{pct(r.estimate)} [{pct(r.lower)}, {pct(r.upper)}] | {r.verdict} | "
-                         f"{'—' if math.isnan(mde) else f'{100 * mde:.1f}%'}")
+            detect, replicate = limits(r, alpha, family, float(t["min_rel_effect"]), power)
+            cells.append(f"{pct(r.estimate)} [{pct(r.lower)}, {pct(r.upper)}] | {r.verdict} | {_size(detect)} | "
+                         f"{_size(replicate)}")
         star = " (primary)" if k in prereg["primary_k"] else ""
         lines.append(f"| {k}{star} | {by_k[k][0].n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
