@@ -285,3 +285,23 @@ def test_length_check_without_the_variant_is_not_tested_and_bad_config_is_refuse
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ledger.LedgerError, match="length_check"):
         ledger.load_prereg(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("true_gain", [0.0, 0.03, 0.06])
+def test_claim_rates_of_one_test_match_the_exact_verdict_probabilities(true_gain):
+    """A claim of one test reads what its test reads: the simulated rates agree with the exact integral
+    (``decision.verdict_probabilities``) within Monte Carlo error (20,000 draws: SE <= 0.4 points)."""
+    from gsae.analysis import decision
+
+    sim = ledger.claim_rates([true_gain], [0.03], 0.0, 10, [0.05], sims=20000, seed=1)
+    exact = decision.verdict_probabilities(true_gain, 0.03, 10, 0.05)
+    assert sim["replicated"] == pytest.approx(exact.replicated, abs=0.015)
+    assert sim["not replicated"] == pytest.approx(exact.not_replicated, abs=0.015)
+    assert sim["mixed"] == 0.0
+
+
+def test_a_gain_above_the_minimum_on_one_test_only_reads_mixed_never_replicated():
+    rates = ledger.claim_rates([0.10, 0.03], [0.023, 0.0075], 0.5, 16, [0.05, 0.05], sims=4000)
+    assert rates["mixed"] > 0.99 and rates["replicated"] == 0.0
+    same = ledger.claim_rates([0.10, 0.10], [0.023, 0.023], 1.0, 16, [0.05, 0.05], sims=4000)
+    assert same["mixed"] == 0.0  # perfectly correlated identical tests always agree

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
+from scipy import stats as sps
 
 from . import decision
 from .rows import BASELINE, TREATMENT, index_rows, seed_values
@@ -292,3 +293,35 @@ def secondary_test(claim: dict[str, Any], secondary: dict[str, Any]) -> dict[str
         raise LedgerError(f"secondary test {secondary} has no test of metric {secondary['metric']!r} in its claim "
                           "to take its rule from")
     return {**same[0], **secondary}
+
+
+def claim_rates(true_gains: list[float], sds: list[float], corr: float, n: int, min_effects: list[float],
+                alpha: float = 0.05, sims: int = 20000, seed: int = 0) -> dict[str, float]:
+    """How often a claim with these co-primary relative tests reads each outcome (``combine``), simulated: per seed
+    the tests' gains are jointly normal (means ``true_gains``, SDs ``sds``, one correlation ``corr`` between every
+    pair), each test gets its Bonferroni interval over the claim's tests and the three-way rule, and the claim
+    combines them. Unlike a single test's rates this includes "mixed": a g-SAE that helps one metric by more than
+    its minimum and another by less can never read "replicated"."""
+    k = len(true_gains)
+    cov = np.full((k, k), corr) * np.outer(sds, sds)
+    np.fill_diagonal(cov, np.square(sds))
+    gains = np.random.default_rng(seed).multivariate_normal(true_gains, cov, size=(sims, n))  # [sims, n, k]
+    mean, s = gains.mean(axis=1), gains.std(axis=1, ddof=1)
+    half = float(sps.t.ppf(1.0 - alpha / (2 * k), n - 1)) * s / math.sqrt(n)
+    lower, upper, need = mean - half, mean + half, np.asarray(min_effects)
+    verdict = np.where((lower > 0) & (mean >= need), "replicated",
+                       np.where(upper < need, "not replicated", "underpowered"))
+    outcomes = [combine(list(v)) for v in verdict]
+    return {o: outcomes.count(o) / sims for o in ("replicated", "not replicated", "mixed", "underpowered")}
+
+
+def seed_gains(rows: list[dict[str, Any]], test: dict[str, Any], k: int, variant: str = "primary") -> dict[int, float]:
+    """{seed: relative gain} of one relative test at ``k`` (``decision.relative_gains``), on the paired seeds."""
+    index = index_rows(rows)
+    t_vals = seed_values(index, variant, BASELINE, test["encode_mode"], k, test["metric"])
+    g_vals = seed_values(index, variant, TREATMENT, test["encode_mode"], k, test["metric"])
+    paired = sorted(set(t_vals) & set(g_vals))
+    if len(paired) < 2:
+        return {}
+    gains = decision.relative_gains({s: t_vals[s] for s in paired}, {s: g_vals[s] for s in paired}, test["better"])
+    return dict(zip(paired, (float(g) for g in gains.gains), strict=True))

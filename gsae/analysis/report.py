@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .. import arms
 from . import decision, ledger
 from .ledger import ClaimResult, LengthCheck, TestResult
@@ -169,7 +171,8 @@ def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, su
     md = "\n".join(part for part in (
         "# Claims ledger (generated from metrics.jsonl and prereg.yaml; do not edit)\n",
         "Gains are (TopK − g-SAE) / TopK in % (positive = g-SAE better) unless marked as a difference.\n",
-        render(results, pre) + power, render_limits(results, pre), superseded, convergence,
+        render(results, pre) + power, render_limits(results, pre), render_claim_rates(rows, pre), superseded,
+        convergence,
         render_length_check(checks, pre),
         render_secondary(results, pre), curve_head, render_curve(results, pre), QUALITY_NOTE + "\n",
         render_quality(rows)) if part)
@@ -287,6 +290,38 @@ def render_limits(results: list[ClaimResult], prereg: dict[str, Any], power: flo
             f"threshold** the smallest the rule would call \"replicated\" (at least the minimum effect, by "
             f"construction). A \"not replicated\" says the gain is below the minimum effect, not that there is "
             f"none.\n\n" + "\n".join(lines) + "\n")
+
+
+CLAIM_SCENARIOS = ((0.0, 0.0), (0.05, 0.05), (0.10, 0.10), (0.10, 0.03), (0.03, 0.10))
+"""True gains (ΔCE test, KL test) at which C1's claim-level rates are simulated."""
+
+
+def render_claim_rates(rows: list[dict[str, Any]], prereg: dict[str, Any], claim: str = "C1") -> str:
+    """The claim-level operating characteristics of ``claim`` (two or more relative co-primary tests) at the
+    measured SDs and correlation of its per-seed gains (``ledger.claim_rates``): how often it would read each
+    outcome if the true gains were those of ``CLAIM_SCENARIOS``."""
+    tests = [t for t in prereg["claims"][claim]["tests"] if t["rule"] == "relative"]
+    if len(tests) != 2:
+        return ""
+    k = prereg["primary_k"][0]
+    per = [ledger.seed_gains(rows, t, k) for t in tests]
+    seeds = sorted(set(per[0]) & set(per[1]))
+    if len(seeds) < 3:
+        return ""
+    a, b = (np.array([p[s] for s in seeds]) for p in per)
+    sds, corr = [float(a.std(ddof=1)), float(b.std(ddof=1))], float(np.corrcoef(a, b)[0, 1])
+    names = [f"{t['metric']} ({t['encode_mode']})" for t in tests]
+    lines = [f"| true gain: {names[0]} | {names[1]} | replicated | not replicated | mixed | underpowered |",
+             "|---|---|---|---|---|---|"]
+    for g in CLAIM_SCENARIOS:
+        r = ledger.claim_rates(list(g), sds, corr, len(seeds), [float(t["min_rel_effect"]) for t in tests],
+                               float(prereg["alpha"]))
+        lines.append(f"| {100 * g[0]:+.0f}% | {100 * g[1]:+.0f}% | " + " | ".join(
+            f"{100 * r[o]:.0f}%" for o in ("replicated", "not replicated", "mixed", "underpowered")) + " |")
+    return (f"{claim} as a claim, simulated (20,000 draws at its measured per-seed SDs {100 * sds[0]:.2f}% and "
+            f"{100 * sds[1]:.2f}% of TopK's mean, correlation {corr:.2f}, n = {len(seeds)}): how often the claim "
+            f"would read each outcome at these true gains. A gain above the minimum on one test and below it on "
+            f"the other reads \"mixed\", never \"replicated\".\n\n" + "\n".join(lines) + "\n")
 
 
 def render_curve(results: list[ClaimResult], prereg: dict[str, Any], claim: str = "C1", power: float = 0.8) -> str:
