@@ -289,7 +289,8 @@ def render_limits(results: list[ClaimResult], prereg: dict[str, Any], power: flo
             f"**detection limit** is the smallest true gain whose interval would exclude 0; the **replication "
             f"threshold** the smallest the rule would call \"replicated\" (at least the minimum effect, by "
             f"construction). A \"not replicated\" says the gain is below the minimum effect, not that there is "
-            f"none.\n\n" + "\n".join(lines) + "\n")
+            f"none. Every interval counts seeds only: it is conditional on the one test set all SAEs are scored on."
+            f"\n\n" + "\n".join(lines) + "\n")
 
 
 CLAIM_SCENARIOS = ((0.0, 0.0), (0.05, 0.05), (0.10, 0.10), (0.10, 0.03), (0.03, 0.10))
