@@ -1,14 +1,11 @@
 """Frozen, validated configuration: one dataclass per stage, loaded from ``profiles/<name>.yaml``.
 
-A profile is the only place numbers live. Every stage receives its own config object and hashes it
-(``config_hash``) to key its cache directory, so a changed config never reuses stale outputs.
-Validation happens on construction: a bad value raises ``ConfigError`` with a message that says
-what to change, before any stage writes anything. A value of the wrong type (``lr: 0.00l``) is named with its
-section, key and expected type (checked against the dataclass annotations before any ``__post_init__`` runs), and
-a YAML syntax error with its file:line:column.
+A profile is the only place numbers live. Every stage hashes its own config object (``config_hash``) to key its
+cache directory, so a changed config never reuses stale outputs. Validation happens on construction: a bad value
+raises ``ConfigError`` saying what to change, before any stage writes anything; a value of the wrong type is named
+with its section, key and expected type (``gsae.typed_yaml``), a YAML syntax error with its file:line:column.
 
-Whether ``experiment.arms`` names registered arms is checked by ``gsae.specs.check_profile`` (this module never
-imports the arms, which import it).
+The arms are checked against their registry by ``gsae.specs.check_profile`` (the arms import this module).
 """
 
 from __future__ import annotations
@@ -318,14 +315,15 @@ class EvalConfig:
     """Massive-activation tokens (norm > 10 x the train median) in the splice: "reconstruct" (spliced like any
     token) or "clean" (PREREG §2: kept clean, so a few outliers do not decide ΔCE and KL)."""
     gradient_splices: str = "all"
-    """Which SAEs of an arm whose code uses the gradient are spliced with their gradient encoders on the test
-    split: "all", or "primary_k" (only the primary group at ``experiment.primary_k``, where the secondary tests
-    are registered; the others are spliced with plain-encode only). Activation metrics cover every encoder. On the
-    validation split the selection splices plain-encode only, the encoder its objective reads."""
-    full_test: bool = field(default=True, metadata={"hash_default": False})
-    """Also splice the SAEs at ``experiment.primary_k`` (every group), plain-encode, on EVERY test context: C1's
-    co-primary metrics ``delta_ce_all`` / ``kl_all`` (PREREG §4, stage ``full_test``). Left out of the eval cache
-    key at its default, so evaluations cached before the field existed stay valid."""
+    """Which gradient-arm SAEs are spliced with their gradient encoders on the test split: "all", or "primary_k"
+    (the primary group at ``experiment.primary_k``, where the secondary tests are registered; the others
+    plain-encode only). Activation metrics cover every encoder; the selection splices plain-encode only."""
+    full_test: bool = field(default=True, metadata=ADDED_LATER)
+    """Also splice the SAEs at ``experiment.primary_k`` (every group) on EVERY test context: C1's co-primary
+    metrics ``delta_ce_all`` / ``kl_all`` (PREREG §4, stage ``full_test``)."""
+    full_test_encoders: tuple[str, ...] = field(default=("plain",), metadata=ADDED_LATER)
+    """A gradient arm's encoders in ``full_test``: "plain" (no label at inference), and "g" for C1 as the paper
+    defines it (the true-label gradient: labels at inference), "g_free" where harvested."""
 
     def __post_init__(self) -> None:
         _require(self.massive in ("reconstruct", "clean"), f"eval.massive must be 'reconstruct' or 'clean', got "
@@ -334,6 +332,8 @@ class EvalConfig:
                                                                  f"'primary_k', got {self.gradient_splices!r}")
         _require(self.batch_contexts > 0, f"eval.batch_contexts must be > 0, got {self.batch_contexts}")
         _require(self.lm_contexts > 0, f"eval.lm_contexts must be > 0, got {self.lm_contexts}")
+        _require("plain" in self.full_test_encoders and set(self.full_test_encoders) <= {"plain", "g", "g_free"},
+                 f"eval.full_test_encoders must include plain, from plain, g, g_free; got {self.full_test_encoders}")
 
 
 @dataclass(frozen=True)

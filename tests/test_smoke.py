@@ -167,6 +167,36 @@ def test_full_test_scores_every_test_context_like_a_hand_written_splice(smoke_ru
 
 
 @pytest.mark.slow
+def test_full_test_scores_the_gradient_encoders_as_the_evaluate_stage_does(smoke_run):
+    """C1 as the paper defines it (``eval.full_test_encoders`` with "g": labels at inference) on every test context:
+    each encoder's numbers equal the evaluate stage's when that stage also reads every context, and the plain-encode
+    numbers equal the run's, so adding an encoder changes nothing else."""
+    import dataclasses
+
+    from gsae import stages
+    from gsae.stages import evaluate, full_test
+    from gsae.stages.selection import all_specs
+
+    p = load_profile("smoke")
+    both = dataclasses.replace(p, eval=dataclasses.replace(p.eval, full_test_encoders=("plain", "g"),
+                                                           lm_contexts=10**9))
+    lm = stages.load_lm(p, progress=False)
+    specs = all_specs(p, lm)
+    spec = next(s for s in full_test.c1_specs(p, specs) if s.arm == "gsae" and s.group == "primary")
+    topk = next(s for s in full_test.c1_specs(p, specs) if s.arm == "topk" and s.group == "primary")
+    run = full_test.run_full_test(p, lm, [spec])[spec.name]["metrics"]
+    new = full_test.run_full_test(both, lm, [spec, topk], progress=False)
+    ev = evaluate.evaluate_specs(both, lm, [spec], "test", progress=False)[spec.name]["metrics"]
+    got = new[spec.name]["metrics"]
+    assert set(got) == {"plain", "g"} and got["plain"] == run["plain"]
+    assert got["g"]["delta_ce_all"] != got["plain"]["delta_ce_all"]  # the gradient changes the selection
+    for mode in ("plain", "g"):
+        assert got[mode]["delta_ce_all"] == pytest.approx(ev[mode]["delta_ce"], rel=1e-9)
+        assert got[mode]["kl_all"] == pytest.approx(ev[mode]["kl"], rel=1e-9)
+    assert set(new[topk.name]["metrics"]) == {"plain", "g", "g_free"}  # TopK's code ignores g: one splice, all names
+
+
+@pytest.mark.slow
 def test_the_tiny_lm_the_smoke_run_trained_beats_unigram(smoke_run):
     """The tiny LM (trained once per checkout by the smoke run on the real corpus, then cached) predicts held-out
     text far better than the unigram distribution: the pipeline measures a model that learned something."""

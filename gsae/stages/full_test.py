@@ -43,6 +43,19 @@ def c1_specs(p: Profile, specs: list[SAESpec]) -> list[SAESpec]:
     return [s for s in specs if s.k in p.experiment.primary_k]
 
 
+def encoders(p: Profile, spec: SAESpec) -> tuple[str, ...]:
+    """The encoders ``spec`` is spliced with on every test context: ``eval.full_test_encoders`` for an arm whose code
+    uses the gradient, plain-encode for one whose code ignores it."""
+    return tuple(p.eval.full_test_encoders) if spec.arm_impl.has_gradient_encoder else ("plain",)
+
+
+def section(r: Any) -> dict[str, float]:
+    """One encoder's numbers (an ``evals`` fidelity result) under the stage's metric names."""
+    numbers = {"delta_ce": r.delta_ce, "kl": r.kl, "ce_loss_score": r.recovered_zero, "ce_clean": r.ce_clean,
+               "n_lm_tokens": r.n_tokens}
+    return {f"{k}{SUFFIX}": v for k, v in numbers.items()}
+
+
 def run_full_test(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -> dict[str, dict[str, Any]]:
     """Score each of ``c1_specs(p, specs)`` on every test context (cached per SAE); returns {name: file contents}."""
     mh = lm.info["model_hash"]
@@ -55,21 +68,25 @@ def run_full_test(p: Profile, lm, specs: list[SAESpec], progress: bool = True) -
         # CPU). The file is keyed by this stage's code and settings and by the SAEs still to score; evals refuses
         # one whose SAE weights differ. A first run starts after the contexts ``evaluate`` already spliced these
         # SAEs into (the same batches, so the same sums) when its kept sums cover every one of them.
-        ckpt = run_dir(p) / "fulltest_checkpoints" / f"{Path(name).stem}-{config_hash(sorted(saes), n=8)}.pt"
-        res = evals.evaluate_saes(lm.model, saes, tokens, p.model.hook_name, baselines=base, encode_modes=("plain",),
-                                  batch_contexts=p.eval.batch_contexts, progress=progress,
-                                  clean_above=cap if p.eval.massive == "clean" else None, checkpoint=ckpt,
-                                  resume_from=sorted(evaluate.splice_sums_dir(p, "test").glob("*.pt")))
+        ckpt_dir = run_dir(p) / "fulltest_checkpoints"
+        res: dict[str, Any] = {}
+        stems = []
+        for group_modes in dict.fromkeys(encoders(p, s) for s in todo):  # one pass per set of encoders
+            group = {s.name: saes[s.name] for s in todo if encoders(p, s) == group_modes}
+            stem = f"{Path(name).stem}-{config_hash(sorted(group), group_modes, n=8)}.pt"
+            res.update(evals.evaluate_saes(
+                lm.model, group, tokens, p.model.hook_name, baselines=base, encode_modes=group_modes,
+                batch_contexts=p.eval.batch_contexts, progress=progress,
+                clean_above=cap if p.eval.massive == "clean" else None, checkpoint=ckpt_dir / stem,
+                resume_from=sorted(evaluate.splice_sums_dir(p, "test").glob("*.pt"))))
+            stems.append(stem)
         for s in todo:
-            r = res[s.name]["plain"]
-            numbers = {"delta_ce": r.delta_ce, "kl": r.kl, "ce_loss_score": r.recovered_zero, "ce_clean": r.ce_clean,
-                       "n_lm_tokens": r.n_tokens}
-            section = {f"{k}{SUFFIX}": v for k, v in numbers.items()}
-            # An arm whose code ignores the gradient encodes the same under every encoder (as in ``evaluate``).
-            modes = ("plain",) if s.arm_impl.has_gradient_encoder else evals.ALL_ENCODE_MODES
-            io.write_json(sae_dir(p, s, mh) / name, {"metrics": {m: section for m in modes},
-                                                     "n_contexts": int(tokens.shape[0])})
-        ckpt.unlink()  # every SAE's file is written
+            sections = {m: section(res[s.name][m]) for m in encoders(p, s)}
+            if not s.arm_impl.has_gradient_encoder:  # its code ignores g: the same under every encoder
+                sections = {m: sections["plain"] for m in evals.ALL_ENCODE_MODES}
+            io.write_json(sae_dir(p, s, mh) / name, {"metrics": sections, "n_contexts": int(tokens.shape[0])})
+        for stem in stems:  # every SAE's file is written
+            (ckpt_dir / stem).unlink()
     return {s.name: io.read_json(sae_dir(p, s, mh) / name) for s in chosen}
 
 
