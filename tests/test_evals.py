@@ -39,15 +39,7 @@ def lm():
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is faster and immune to a busy second core
     gen = torch.Generator().manual_seed(0)
-    model = tiny_model()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(100):
-        loss = model(progressions(32, gen), return_type="loss")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.requires_grad_(False)
+    model = tiny_text.fit(tiny_model(), 100, gen, V, T)
     train_tokens, tokens = progressions(64, gen), progressions(16, gen)
     cap = capture(model, train_tokens, HOOK)
     x_train = cap.x[:, 1:-1].reshape(-1, D)

@@ -45,15 +45,7 @@ def lm():
     model = HookedTransformer(HookedTransformerConfig(
         n_layers=2, d_model=D, d_head=8, n_heads=4, d_mlp=64, d_vocab=V, n_ctx=T, act_fn="gelu",
         normalization_type="LN", seed=0, device="cpu"))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = model(progressions(32, gen), return_type="loss")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    model.requires_grad_(False)
+    tiny_text.fit(model, 60, gen, V, T)
     contexts = progressions(200, gen)
     cap = capture(model, contexts, HOOK)
     x, g = cap.x[:, 1:-1].reshape(-1, D), cap.g[:, 1:-1].reshape(-1, D)
