@@ -29,10 +29,10 @@ def check_profile(p: Profile) -> Profile:
     if label_free and set(p.harvest.label_free_splits) != {"train", "val", "test"}:
         raise ConfigError(f"arm(s) {label_free} train and encode with the label-free gradient; set "
                           f"harvest.label_free_splits to [train, val, test]")
-    if label_free and p.harvest.label_free != "argmax":
-        raise ConfigError(f"arm(s) {label_free} train on g_free, which is wired for harvest.label_free: argmax only; "
-                          f"the sampled estimator is harvested and evaluated, not trained on (its mean tends to 0: "
-                          f"docs/checks/label_free_gradient.txt)")
+    if p.harvest.label_free != "argmax":
+        raise ConfigError("harvest.label_free: sampled is not a pipeline setting: the splice evaluation computes the "
+                          "argmax g_free, and no arm trains on the sampled one (its mean tends to 0: "
+                          "docs/checks/label_free_gradient.py measures it); use argmax")
     return p
 
 

@@ -127,3 +127,11 @@ def test_step_changes_between_consecutive_recorded_lengths_by_hand():
     assert [(a, b) for a, b, _ in steps] == [(1000, 2000), (2000, 4000)]
     assert [ch for _, _, ch in steps] == pytest.approx([-0.2, -0.25])
     assert sel.step_changes({"1000": {"delta_ce": 0.5}}) == []
+
+
+def test_the_sampled_label_free_gradient_is_refused_as_a_pipeline_setting():
+    raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    raw["harvest"]["label_free"] = "sampled"
+    with pytest.raises(ConfigError, match="label_free: sampled is not a pipeline setting"):
+        check_profile(profile_from_dict("sampled", raw))
+    check_profile(profile_from_dict("argmax", {**raw, "harvest": {**raw["harvest"], "label_free": "argmax"}}))

@@ -81,32 +81,3 @@ def test_activation_metrics_report_the_share_of_selection_the_gradient_changes(h
         selection_changed_share(sae, rows.x, rows.g), abs=1e-12)
     assert activation_metrics(_sae(0.0, 0, 0), rows.x, rows.g, "g")["selection_changed_share"] == 0.0
 
-
-def test_encoder_view_uses_each_gradients_own_constant():
-    from gsae.stages.evaluate import encoder_view
-
-    sae = _sae(2.0, 1, 0)
-    assert encoder_view(sae, "g_free", None) is sae  # no grad_scale_free recorded: the SAE's own constant
-    scales = {"g": 50.0, "g_free": 7.0}
-    assert encoder_view(sae, "g", scales) is sae and encoder_view(sae, "plain", scales) is sae
-    view = encoder_view(sae, "g_free", scales)
-    assert view.cfg.grad_scale == 7.0 and sae.cfg.grad_scale == 50.0 and view.W_dec is sae.W_dec
-    gen = torch.Generator().manual_seed(0)
-    x, g = torch.randn(20, D_IN, generator=gen), torch.randn(20, D_IN, generator=gen)
-    assert torch.equal(view.encode(x, g).top_indices, sae.encode(x, g * (7.0 / 50.0)).top_indices)
-
-
-def test_gradient_scales_read_g_frees_own_constant(monkeypatch):
-    from types import SimpleNamespace
-
-    from gsae.config import load_profile
-    from gsae.stages import evaluate
-
-    manifests = {"train": {"grad_stats": {"grad_scale": 90.0}}, "val": {"grad_stats": {"grad_scale": 80.0}}}
-    monkeypatch.setattr(evaluate, "reader", lambda p, split, mh: SimpleNamespace(manifest=manifests[split]))
-    p = load_profile("default")  # label_free_splits: val, test
-    assert evaluate.gradient_scales(p, "m") is None  # argmax harvests: the SAE's own constant, as before
-    manifests["val"]["grad_stats"]["grad_scale_free"] = 160.0
-    assert evaluate.gradient_scales(p, "m") == {"g": 90.0, "g_free": 180.0}  # val's ratio, train's g constant
-    manifests["train"]["grad_stats"]["grad_scale_free"] = 200.0
-    assert evaluate.gradient_scales(p, "m") == {"g": 90.0, "g_free": 200.0}

@@ -4,8 +4,6 @@ Per SAE it writes ``eval_<split>-<key>.json`` (``{"metrics": {mode: {...}}}``) a
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -18,7 +16,6 @@ from .. import lm as lm_passes
 from ..config import Profile, config_hash
 from ..paths import run_dir
 from ..progress import bar
-from ..reader import gradient_scale
 from ..runtime import module_device, to_device
 from ..sae import changed_count
 from ..specs import SAESpec, load_trained, sae_dir, source_version, stage_file
@@ -156,36 +153,6 @@ def activation_metrics(sae, x: torch.Tensor, g: torch.Tensor | None, mode: str, 
     return acc.result()
 
 
-def gradient_scales(p: Profile, model_hash: str) -> dict[str, float] | None:
-    """Each gradient's dataset constant ({"g": grad_scale, "g_free": grad_scale_free}) when the harvest recorded
-    g_free's own (``HarvestConfig.label_free="sampled"``), else None: every gradient is then scaled by the SAE's own
-    ``grad_scale`` (the true-label constant), as before. g's is the train split's; g_free's the train split's where
-    it stored g_free, else the validation split's (never the test split's), as a ratio to that split's g constant
-    times the train split's."""
-    train = reader(p, "train", model_hash).manifest
-    if "grad_scale_free" in train["grad_stats"]:
-        return {m: gradient_scale(train, m) for m in ("g", "g_free")}
-    if "val" not in p.harvest.label_free_splits:
-        return None
-    val = reader(p, "val", model_hash).manifest
-    if "grad_scale_free" not in val["grad_stats"]:
-        return None
-    c_g = gradient_scale(train, "g")
-    return {"g": c_g, "g_free": c_g * gradient_scale(val, "g_free") / gradient_scale(val, "g")}
-
-
-def encoder_view(sae, mode: str, scales: dict[str, float] | None):
-    """``sae`` as the encoder ``mode`` reads it: with ``scales`` (``gradient_scales``) a view sharing its weights
-    whose ``grad_scale`` is that gradient's own constant; the SAE itself when nothing changes."""
-    cfg = getattr(sae, "cfg", None)
-    if (scales is None or mode not in scales or not dataclasses.is_dataclass(cfg)
-            or getattr(cfg, "grad_norm", None) != "dataset" or cfg.grad_scale == scales[mode]):
-        return sae
-    view = copy.copy(sae)  # shares the parameters
-    view.cfg = dataclasses.replace(cfg, grad_scale=scales[mode])
-    return view
-
-
 def standard_names(lm_part: dict[str, Any], act: dict[str, Any]) -> dict[str, float]:
     """The quality figures under the names SAELens' run_evals / SAEBench use: ce_loss_score (CE recovered against
     zero ablation), explained_variance (1 - FVU; also over typical tokens) and kl_div (KL(clean || spliced))."""
@@ -257,9 +224,7 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
                                            encode_modes=group_modes, batch_contexts=p.eval.batch_contexts,
                                            progress=progress, clean_above=cap if p.eval.massive == "clean" else None,
                                            checkpoint=sums))
-        scales = gradient_scales(p, mh)
-        acc = {(s.name, mode): ActivationMetrics(encoder_view(saes[s.name], mode, scales), mode, cap)
-               for s in todo for mode in encoders(s)}
+        acc = {(s.name, mode): ActivationMetrics(saes[s.name], mode, cap) for s in todo for mode in encoders(s)}
         for rows in rd.chunks(ACT_CHUNK):
             x = to_device(rows.x, device)  # moved once, shared by every SAE
             grads = {m: to_device(rows.gradient(m), device) for m in modes if m != "plain"}
@@ -270,8 +235,7 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
                         acc[s.name, mode].add(x, grads.get(mode), reference=ref)
         dead_train = {}  # C2's window: the whole training split, with the encoder each SAE trained with
         if split == "test":
-            trained_with = {s.name: (encoder_view(saes[s.name], s.primary_encode, scales), s.primary_encode)
-                            for s in todo}
+            trained_with = {s.name: (saes[s.name], s.primary_encode) for s in todo}
             dead_train = dead_fractions_over(trained_with, reader(p, "train", mh), progress=progress)
         for s in todo:
             d = sae_dir(p, s, mh)
