@@ -124,8 +124,8 @@ class HarvestConfig:
     label_free: str = field(default="argmax", metadata=ADDED_LATER)
     """g_free: "argmax" (CE against the model's own argmax, scaled by ``grad_scale``) or "sampled" (the mean of
     ``label_free_samples`` gradients against next tokens drawn from the model, its own constant; measured by
-    docs/checks/label_free_gradient.py, refused as a pipeline setting by ``specs.check_profile``). Neither is a usable proxy here: both have a median cosine with g near 0 on validation rows
-    (E_y~p[grad CE(y)] = 0, so the sampled mean tends to 0; docs/checks/label_free_gradient.txt)."""
+    docs/checks/label_free_gradient.py, refused as a pipeline setting by ``specs.check_profile``). Neither is a
+    usable proxy here: both have a median cosine with g near 0 on validation rows (E_y~p[grad CE(y)] = 0)."""
     label_free_samples: int = field(default=4, metadata=ADDED_LATER)
     """"sampled": how many label draws are averaged."""
     label_free_seed: int = field(default=0, metadata=ADDED_LATER)
