@@ -234,9 +234,15 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     """SAE seeds; each seed is paired across arms (same init and data order)."""
     beta_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
-    """Candidate betas for the g-SAE, selected on the validation split."""
+    """The g-SAE's betas. One is chosen on the validation split (``gsae.stages.selection``); the first decides alone
+    when there is no ``dose_seeds``."""
     beta_select_k: int = 32
-    """k at which beta is selected (one beta for all k)."""
+    """k of every selection trial."""
+    beta_select_encode: str = field(default="plain", metadata=ADDED_LATER)
+    """Encoder ("plain" or "g") whose mean validation delta_ce over the selection seeds chooses beta."""
+    dose_seeds: tuple[int, ...] = field(default=(), metadata=ADDED_LATER)
+    """Seeds of the dose-response: every beta of ``beta_grid`` but the chosen one, at the primary k, as group
+    "beta_<b>" (empty: the g-SAE trains at ``beta_grid[0]`` only, with no beta selection)."""
     arms: tuple[str, ...] = ("topk", "gsae")
     """Registered arms (``gsae.arms``) trained on the same grid; the first is the baseline of every comparison."""
     primary_k: tuple[int, ...] = ()
@@ -253,6 +259,7 @@ class ExperimentConfig:
         _require(len(self.k_grid) >= 1 and all(k > 0 for k in self.k_grid), "experiment.k_grid must be positive")
         _require(len(set(self.seeds)) == len(self.seeds) and len(self.seeds) >= 1, "experiment.seeds must be unique")
         _require(all(b > 0 for b in self.beta_grid), "experiment.beta_grid values must be > 0")
+        _require(self.beta_select_encode in ("plain", "g"), "experiment.beta_select_encode must be plain or g")
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,15 @@ def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str,
     return specs
 
 
+def dose_specs(p: Profile, arm: str, d_in: int, grad_scale: float, lr_by_beta: dict[float, float]) -> list[SAESpec]:
+    """The dose-response of ``arm``: each beta of ``lr_by_beta`` (at its lr) at every primary k and
+    ``experiment.dose_seeds``, as group "beta_<b>"; paired with the baseline's primary SAEs of the same seeds."""
+    e = p.experiment
+    return [SAESpec(f"beta_{b:g}", arm, k, s, sae_config(p, arm, d_in, k, grad_scale, beta=b),
+                    replace(p.train, seed=s, lr=lr))
+            for b, lr in sorted(lr_by_beta.items()) for k in (e.primary_k or e.k_grid) for s in e.dose_seeds]
+
+
 def scaled_tokens(train: TrainConfig, multiplier: float) -> int:
     """``multiplier`` x the training length, rounded to whole batches (at least one)."""
     return max(1, round(multiplier * train.tokens / train.batch_size)) * train.batch_size

@@ -29,7 +29,8 @@ def fake_training(monkeypatch):
 
     def score(p, lm, specs, progress):
         trained.extend(specs)
-        return {s.name: {"delta_ce": math.log2(s.train.lr / best[s.arm]) ** 2 + 1 + 0.01 * s.seed} for s in specs}
+        return {s.name: {mode: {"delta_ce": math.log2(s.train.lr / best[s.arm]) ** 2 + 1 + 0.01 * s.seed}
+                         for mode in ("plain", "g")} for s in specs}
 
     monkeypatch.setattr(sel, "_score", score)
     monkeypatch.setattr(sel, "reader", lambda p, split, mh: SimpleNamespace(
@@ -55,17 +56,65 @@ def test_no_extension_budget_reports_the_edge(fake_training):
     assert out["lr"]["gsae"] == pytest.approx(8e-3) and out["at_edge"]["gsae"] and out["extensions"]["gsae"] == 0
 
 
-def test_the_v5_grid_has_sixteen_primary_seeds_three_curve_seeds_the_thread_rerun_and_the_length_check():
-    """The default profile under PREREG v5: 16 primary seeds per arm at k = 32, 3 at the other k, 4 one-thread
-    reruns per arm (v2's cut, DEVIATIONS.md 2026-12-02 14:20) and the length check on seeds 0-7 per arm (v5; v3 and
-    v4 ran it on all 16)."""
+def beta_training(monkeypatch, g_best: float, plain_best: float = 0.1):
+    """Validation delta_ce of a trial = (log2(lr / 4e-3))^2 + 1 + (log3(beta / best))^2, with best = ``g_best`` for
+    the g-encode and ``plain_best`` for the plain-encode; records what was trained."""
+    trained = []
+
+    def score(p, lm, specs, progress):
+        trained.extend(specs)
+        lr_term = {s.name: math.log2(s.train.lr / 4e-3) ** 2 + 1 for s in specs}
+        return {s.name: {mode: {"delta_ce": lr_term[s.name] + math.log(s.sae.beta / best, 3) ** 2,
+                                "selection_changed_share": 0.1 * s.sae.beta}
+                         for mode, best in (("plain", plain_best), ("g", g_best))} for s in specs}
+
+    monkeypatch.setattr(sel, "_score", score)
+    monkeypatch.setattr(sel, "reader", lambda p, split, mh: SimpleNamespace(
+        d=16, manifest={"grad_stats": {"grad_scale": 1.0}}))
+    return trained
+
+
+V5_SELECTION = {"lr": {"topk": 4e-3, "gsae": 4e-3}, "lr_trials": {"topk": {}, "gsae": {}},
+                "extensions": {"topk": 0, "gsae": 0}, "at_edge": {"topk": False, "gsae": False}, "grad_scale": 1.0}
+
+
+def test_beta_is_chosen_by_the_registered_encoder_at_each_betas_own_lr(monkeypatch):
+    trained = beta_training(monkeypatch, g_best=1.0)
+    out = sel.select_beta(default_profile(), SimpleNamespace(info={"model_hash": "x"}), V5_SELECTION, progress=False)
+    rec = out["arms"]["gsae"]
+    assert rec["beta"] == 1.0 and rec["lr"] == pytest.approx(4e-3) and not rec["at_edge"] and rec["extensions"] == 0
+    assert [b["beta"] for b in rec["betas"]] == [0.1, 0.3, 1.0, 3.0]
+    assert rec["betas"][2]["score"] == pytest.approx(1.0)  # lr term 1 at 4e-3, beta term 0 at the g-encode's best
+    # the first beta reuses selection.json's lr (its trials at that lr only); every other beta gets TopK's lr trials
+    per_beta = Counter(s.sae.beta for s in trained)
+    assert per_beta[0.1] == 2 and per_beta[0.3] == per_beta[1.0] == per_beta[3.0] == 8
+    assert all(s.arm == "gsae" and s.group == "selection" and s.seed in (100, 101) for s in trained)
+    assert {s.name for s in trained if s.sae.beta == 3.0 and s.train.lr == 4e-3} == {
+        "selection/gsae-k32-s100-lr0.004-beta3", "selection/gsae-k32-s101-lr0.004-beta3"}
+
+
+def test_a_chosen_beta_on_the_edge_extends_the_grid_by_its_own_ratio(monkeypatch):
+    beta_training(monkeypatch, g_best=9.0)
+    out = sel.select_beta(default_profile(), SimpleNamespace(info={"model_hash": "x"}), V5_SELECTION, progress=False)
+    rec = out["arms"]["gsae"]
+    assert rec["beta"] == pytest.approx(9.0) and rec["extensions"] == 2 and not rec["at_edge"]  # 27 shows 9 is inside
+    beta_training(monkeypatch, g_best=100.0)  # two extensions (selection.max_extensions) and still on the edge
+    rec = sel.select_beta(default_profile(), SimpleNamespace(info={"model_hash": "x"}), V5_SELECTION, False)["arms"]
+    assert rec["gsae"]["beta"] == pytest.approx(27.0) and rec["gsae"]["extensions"] == 2 and rec["gsae"]["at_edge"]
+
+
+def test_the_v6_grid_is_eight_paired_seeds_at_the_chosen_beta_and_four_at_every_other():
+    """The default profile under PREREG v6: TopK and the chosen beta at seeds 0-7 (group primary), each other beta of
+    the dose grid at seeds 0-3 (group beta_<b>) at its own lr; no curve over k, no robustness variants."""
     p = default_profile()
-    specs = experiment_specs(p, 576, 1.0, {"gsae": {"beta": 0.1}}, {"topk": 4e-3, "gsae": 8e-3})
-    count = Counter((s.group, s.k) for s in specs)
-    assert count == {("primary", 32): 32, ("primary", 8): 6, ("primary", 16): 6, ("primary", 64): 6,
-                     ("threads_1", 32): 8, ("length_2", 32): 16}
-    assert all(s.train.threads == 1 for s in specs if s.group == "threads_1")
-    assert {s.train.lr for s in specs if s.arm == "gsae"} == {8e-3}
+    specs = experiment_specs(p, 576, 1.0, {"gsae": {"beta": 1.0}}, {"topk": 4e-3, "gsae": 8e-3})
+    specs += sel.dose_specs(p, "gsae", 576, 1.0, {0.1: 4e-3, 0.3: 2e-3, 3.0: 4e-3})
+    count = Counter((s.group, s.arm) for s in specs)
+    assert count == {("primary", "topk"): 8, ("primary", "gsae"): 8, ("beta_0.1", "gsae"): 4,
+                     ("beta_0.3", "gsae"): 4, ("beta_3", "gsae"): 4}
+    assert {s.sae.beta for s in specs if s.group == "primary" and s.arm == "gsae"} == {1.0}
+    assert {(s.sae.beta, s.train.lr) for s in specs if s.group == "beta_0.3"} == {(0.3, 2e-3)}
+    assert {s.seed for s in specs if s.group.startswith("beta_")} == {0, 1, 2, 3} and {s.k for s in specs} == {32}
     assert all(s.train.max_norm_factor == 10 for s in specs)
 
 

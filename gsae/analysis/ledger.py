@@ -1,4 +1,4 @@
-"""The claims ledger (PREREG.md, versions 2-5): ``prereg_v5.yaml`` + ``results/<profile>/metrics.jsonl``
+"""The claims ledger (PREREG.md, versions 2-6): ``prereg.yaml`` + ``results/<profile>/metrics.jsonl``
 -> one three-way verdict per claim (``analysis.decision``: replicated / not replicated / underpowered), and the
 length check (``length_check``: does the paired gain move when the training length doubles?).
 
@@ -19,7 +19,13 @@ Two rules besides the relative one of ``gsae.decision``:
   replicated ("comparable") if the interval's lower end > -m, not replicated if its upper end < -m, else
   underpowered;
 * ``floor`` (C2): "not testable (floor)" when both arms' means are at or below ``floor`` at that k, before any
-  other rule is applied.
+  other rule is applied;
+* ``min_difference`` (C2, v6): "not testable at this scale" when the arms' means differ by less than this, in the
+  metric's units (a dead fraction: 0.01 is 1 % of the dictionary), after the floor.
+
+The dose-response (v6, ``evaluate_dose``): the same tests of the named claims for the g-SAEs of every beta
+(groups ``beta_<b>``, and the primary group at the chosen beta), each paired with TopK's primary SAEs of the same
+seeds; reported with the same rule and never decisive.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from scipy import stats as sps
 from . import decision
 from .rows import BASELINE, TREATMENT, index_rows, seed_values
 
-OUTCOMES = ("replicated", "not replicated", "mixed", "underpowered", "not testable (floor)", "not tested")
+OUTCOMES = ("replicated", "not replicated", "mixed", "underpowered", "not testable (floor)",
+            "not testable at this scale", "not tested")
 
 
 LENGTH_OUTCOMES = ("length-stable", "length-dependent", "undetermined", "not tested")
@@ -86,8 +93,8 @@ class ClaimResult(NamedTuple):
 
 def load_prereg(path: str | Path) -> dict[str, Any]:
     pre = yaml.safe_load(Path(path).read_text())
-    if not isinstance(pre, dict) or pre.get("version") not in (2, 3, 4, 5):
-        raise LedgerError(f"{path}: expected a pre-registration of version 2 to 5 (version 1 had another rule, "
+    if not isinstance(pre, dict) or pre.get("version") not in (2, 3, 4, 5, 6):
+        raise LedgerError(f"{path}: expected a pre-registration of version 2 to 6 (version 1 had another rule, "
                           f"docs/prereg/v1.md)")
     lc = pre.get("length_check")
     if lc is not None and (not {"variant", "margin", "claim"} <= set(lc) or lc["claim"] not in pre.get("claims", {})):
@@ -111,7 +118,8 @@ def _means(topk: dict[int, float], treated: dict[int, float]) -> tuple[float, fl
 
 
 def run_test(index: dict, test: dict[str, Any], k: int, variant: str, alpha: float, family: int,
-             floor: float | None = None, baseline: str = BASELINE, treatment: str = TREATMENT) -> TestResult:
+             floor: float | None = None, baseline: str = BASELINE, treatment: str = TREATMENT,
+             min_difference: float | None = None) -> TestResult:
     """One test at one k on one variant's rows (``rows.index_rows`` of metrics.jsonl)."""
     name = f"{test['metric']} ({test['encode_mode']})"
     t_vals = seed_values(index, variant, baseline, test["encode_mode"], k, test["metric"])
@@ -124,6 +132,9 @@ def run_test(index: dict, test: dict[str, Any], k: int, variant: str, alpha: flo
                           t_mean, g_mean)
     if floor is not None and t_mean <= floor and g_mean <= floor:
         return TestResult(name, k, variant, "not testable (floor)", math.nan, math.nan, math.nan, math.nan,
+                          len(paired), t_mean, g_mean)
+    if min_difference is not None and abs(g_mean - t_mean) < min_difference:
+        return TestResult(name, k, variant, "not testable at this scale", math.nan, math.nan, math.nan, math.nan,
                           len(paired), t_mean, g_mean)
     if test["rule"] == "equivalence":
         diff = np.array([g_vals[s] - t_vals[s] for s in paired])
@@ -144,8 +155,9 @@ def combine(verdicts: list[str]) -> str:
     """A claim's verdict from its co-primary tests' verdicts (module docstring)."""
     if not verdicts or all(v == "not tested" for v in verdicts):
         return "not tested"
-    if all(v == "not testable (floor)" for v in verdicts):
-        return "not testable (floor)"
+    for untestable in ("not testable (floor)", "not testable at this scale"):
+        if all(v == untestable for v in verdicts):
+            return untestable
     if all(v == "replicated" for v in verdicts):
         return "replicated"
     if all(v == "not replicated" for v in verdicts):
@@ -164,10 +176,11 @@ def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimRe
     for cid, claim in prereg["claims"].items():
         tests = claim["tests"]
         family = len(tests) * len(primary_k)
-        floor = claim.get("floor")
+        floor, min_diff = claim.get("floor"), claim.get("min_difference")
 
         def at(k: int, variant: str, fam: int, which: list[dict[str, Any]] | None = None) -> list[TestResult]:
-            return [run_test(index, t, k, variant, alpha, fam, floor) for t in which or tests]  # noqa: B023
+            return [run_test(index, t, k, variant, alpha, fam, floor, min_difference=min_diff)  # noqa: B023
+                    for t in which or tests]  # noqa: B023
 
         primary = [r for k in primary_k for r in at(k, "primary", family)]
         if "curve_tests" in claim:  # the curve has its own tests, at every k (PREREG §4)
@@ -181,9 +194,9 @@ def evaluate(prereg: dict[str, Any], rows: list[dict[str, Any]]) -> list[ClaimRe
             seeds = {s for key, per in index.items() if key[0] == v for s in per}
             sub = {key: {s: m for s, m in per.items() if s in seeds} for key, per in index.items()
                    if key[0] == "primary"}
-            same_seeds[v] = combine([run_test(sub, t, k, "primary", alpha, family, floor).verdict
-                                     for k in primary_k for t in tests])
-        secondary = [run_test(index, secondary_test(claim, s), k, "primary", alpha, 1, floor)
+            same_seeds[v] = combine([run_test(sub, t, k, "primary", alpha, family, floor,
+                                              min_difference=min_diff).verdict for k in primary_k for t in tests])
+        secondary = [run_test(index, secondary_test(claim, s), k, "primary", alpha, 1, floor, min_difference=min_diff)
                      for s in claim.get("secondary", []) for k in primary_k]
         out.append(ClaimResult(cid, claim["title"], combine([r.verdict for r in primary]), primary, curve,
                                robustness, same_seeds, secondary))

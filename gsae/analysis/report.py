@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import arms
-from . import decision, ledger
+from . import decision, dose, ledger
 from .ledger import ClaimResult, LengthCheck, TestResult
 from .rows import mean_t_interval
 
@@ -156,10 +156,12 @@ def render_claims_table(results: list[ClaimResult], pre: dict[str, Any]) -> str:
 
 
 def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, superseded: str = "",
-          convergence: str = "") -> Report:
-    """Apply ``pre`` (already ``prereg_for`` the profile) to ``rows`` (metrics.jsonl) and render everything;
-    writes nothing."""
+          convergence: str = "", chosen_beta: float | None = None) -> Report:
+    """Apply ``pre`` (already ``prereg_for`` the profile) to ``rows`` (metrics.jsonl) and render everything, with
+    the dose-response around ``chosen_beta`` (the g-SAE's beta chosen on validation) when one was trained; writes
+    nothing."""
     results = ledger.evaluate(pre, rows)
+    points = dose.evaluate_dose(pre, rows, chosen_beta)
     half = [r.half_width_pct for c in results if c.claim == "C1" for r in c.primary if r.test.startswith("delta_ce")]
     power = (f"C1 at k = {pre['primary_k']}: 95% half-width of the paired ΔCE gain = "
              + ", ".join("—" if math.isnan(h) else f"{h:.2f}%" for h in half)
@@ -171,7 +173,8 @@ def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, su
     md = "\n".join(part for part in (
         "# Claims ledger (generated from metrics.jsonl and prereg.yaml; do not edit)\n",
         "Gains are (TopK − g-SAE) / TopK in % (positive = g-SAE better) unless marked as a difference.\n",
-        render(results, pre) + power, render_limits(results, pre), render_claim_rates(rows, pre), superseded,
+        render(results, pre) + power, dose.render_dose(points), render_limits(results, pre),
+        render_claim_rates(rows, pre), superseded,
         convergence,
         render_length_check(checks, pre),
         render_secondary(results, pre), curve_head, render_curve(results, pre), QUALITY_NOTE + "\n",
@@ -179,7 +182,7 @@ def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, su
     record = {"prereg_version": pre["version"],
               "claims": [c._asdict() | {key: [r._asdict() for r in getattr(c, key)]
                                         for key in ("primary", "curve", "secondary")} for c in results],
-              "length_check": [c._asdict() for c in checks]}
+              "length_check": [c._asdict() for c in checks], "dose": dose.record(points)}
     return Report(render_answer(results, pre, d_sae, checks), render_claims_table(results, pre), md, record,
                   results, checks)
 

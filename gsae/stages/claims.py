@@ -12,7 +12,7 @@ import yaml
 
 from .. import io, paths
 from ..analysis import ledger, readme, report
-from ..analysis.rows import load_metrics
+from ..analysis.rows import TREATMENT, load_metrics
 from ..config import Profile
 from ..paths import results_dir
 from ..specs import SAESpec, length_group
@@ -22,7 +22,7 @@ from .selection import relative_change
 PREREG = "prereg.yaml"
 """The registered pre-registration (PREREG.md in words), under the repository root."""
 SUPERSEDED = "docs/prereg/v4.yaml"
-"""The version PREREG §8 requires C1 to be read under as well (one line of the ledger)."""
+"""The version PREREG v5 §8 required C1 to be read under as well (one line of the ledger); v6 requires none."""
 README = "README.md"
 """Paths are resolved under ``paths.ROOT`` when used, never at import (a test may point ROOT elsewhere)."""
 
@@ -50,13 +50,22 @@ def analyse(p: Profile, rows: list[dict], prereg_path: Path | None = None) -> re
     """The verdicts of ``rows`` under the registered pre-registration, rendered; writes nothing."""
     pre = prereg_for(p, prereg_path)
     superseded = _at_root(None, SUPERSEDED)
-    old = yaml.safe_load(superseded.read_text()) if superseded.exists() else {}
+    old = yaml.safe_load(superseded.read_text()) if superseded.exists() and pre["version"] < 6 else {}
     conv_path = results_dir(p) / "convergence.json"
     conv_cfg = pre.get("convergence", {})
     conv = report.convergence_note(io.read_json(conv_path) if conv_path.exists() else None,
                                    float(conv_cfg.get("max_rel_change", 0.02)), relative_change)
-    return report.build(pre, rows, d_sae=_d_sae(p), convergence=conv,
-                        superseded=report.superseded_note(p.name, rows, old, SUPERSEDED))
+    return report.build(pre, rows, d_sae=_d_sae(p), convergence=conv, chosen_beta=chosen_beta(p),
+                        superseded=report.superseded_note(p.name, rows, old, SUPERSEDED) if old else "")
+
+
+def chosen_beta(p: Profile) -> float | None:
+    """The g-SAE's beta chosen on validation (results/<profile>/beta_selection.json), None without a dose-response."""
+    path = results_dir(p) / "beta_selection.json"
+    if not p.experiment.dose_seeds or not path.exists():
+        return None
+    rec = io.read_json(path)["arms"].get(TREATMENT)
+    return None if rec is None else float(rec["beta"])
 
 
 def _is_registered(p: Profile, prereg_path: Path | None = None) -> bool:

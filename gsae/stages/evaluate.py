@@ -211,8 +211,8 @@ def evaluate_specs(p: Profile, lm, specs: list[SAESpec], split: str, progress: b
             return modes if s.arm_impl.has_gradient_encoder else ("plain",)
 
         def measured(s: SAESpec) -> tuple[str, ...]:  # the encoders spliced into the LM
-            if split != "test":  # the selection's split: the encoder its objective reads (plain-encode)
-                return ("plain",)
+            if split != "test":  # the selection's split: the encoders its objectives read (lr: plain; beta: g too)
+                return tuple(m for m in encoders(s) if m in ("plain", "g"))
             secondary = s.group == "primary" and s.k in (p.experiment.primary_k or (s.k,))
             return encoders(s) if p.eval.gradient_splices == "all" or secondary else ("plain",)
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import arms, distributed, io
 from ..config import ConfigError, Profile
 from ..io import registry_append
 from ..paths import results_dir
-from ..specs import SAESpec, experiment_specs, sae_config, scaled_tokens
+from ..specs import SAESpec, dose_specs, experiment_specs, sae_config, scaled_tokens
 from ._jobs import evaluate_on_main, train_specs
 from .harvest import reader
 
@@ -30,49 +30,72 @@ def _own(p: Profile, arm: str) -> dict[str, float]:
 
 
 def trial_spec(p: Profile, arm: str, d_in: int, gs: float, lr: float, seed: int, tokens: int | None = None,
-               label: str = "") -> SAESpec:
+               label: str = "", **own: float) -> SAESpec:
+    """A selection trial of ``arm`` at ``lr``; ``own`` overrides the arm's hyperparameters (default: the first value
+    of each grid), and a trial with an override is labelled with it (e.g. "lr0.004-beta3")."""
     k = p.experiment.beta_select_k
     train = dataclasses.replace(p.train, seed=seed, lr=lr, **({"tokens": tokens} if tokens else {}))
-    return SAESpec("selection", arm, k, seed, sae_config(p, arm, d_in, k, gs, **_own(p, arm)), train,
-                   label or f"lr{lr:.4g}")
+    tail = "".join(f"-{hp}{v:g}" for hp, v in own.items())
+    return SAESpec("selection", arm, k, seed, sae_config(p, arm, d_in, k, gs, **{**_own(p, arm), **own}), train,
+                   label or f"lr{lr:.4g}{tail}")
 
 
 def _score(p: Profile, lm, specs: list[SAESpec], progress: bool) -> dict[str, dict[str, Any]]:
-    """Train ``specs`` (spread over the ranks of a torchrun launch) and their plain-encode validation metrics
+    """Train ``specs`` (spread over the ranks of a torchrun launch) and their validation metrics per encoder
     (rank 0 evaluates, the others read its files)."""
     train_specs(p, lm, specs, reader(p, "train", lm.info["model_hash"]), progress)
     ev = evaluate_on_main(p, lm, specs, progress)
-    return {s.name: ev[s.name]["metrics"]["plain"] for s in specs}
+    return {s.name: ev[s.name]["metrics"] for s in specs}
+
+
+class LRChoice(NamedTuple):
+    lr: float
+    scores: dict[float, float]
+    """lr -> plain-encode validation delta_ce, mean over the selection seeds."""
+    extensions: int
+    at_edge: bool
+    trials: list[dict[str, Any]]
+    """One record per trial SAE: arm, lr, seed, the arm's hyperparameters and its plain-encode metrics."""
+    metrics: dict[float, list[dict[str, Any]]]
+    """lr -> every selection seed's metrics per encoder."""
+
+
+def select_lr(p: Profile, lm, arm: str, d_in: int, gs: float, progress: bool, **own: float) -> LRChoice:
+    """``arm``'s lr (module docstring), at its own hyperparameters overridden by ``own``."""
+    grid = sorted(p.train.lr * m for m in p.selection.lr_multipliers)
+    step_up = grid[-1] / grid[-2] if len(grid) > 1 else 2.0
+    step_down = grid[0] / grid[1] if len(grid) > 1 else 0.5
+    lrs, scores, metrics, trials, extensions = list(grid), {}, {}, [], 0
+    while True:
+        specs = {lr: [trial_spec(p, arm, d_in, gs, lr, s, **own) for s in p.selection.seeds]
+                 for lr in lrs if lr not in scores}
+        res = _score(p, lm, [s for ss in specs.values() for s in ss], progress)
+        for lr, ss in specs.items():
+            metrics[lr] = [res[s.name] for s in ss]
+            scores[lr] = sum(m["plain"]["delta_ce"] for m in metrics[lr]) / len(ss)
+            trials += [{"arm": arm, "lr": lr, "seed": s.seed, **_own(p, arm), **own, **res[s.name]["plain"]}
+                       for s in ss]
+        best = min(scores, key=scores.get)
+        edge = best in (min(scores), max(scores))
+        if not edge or extensions >= p.selection.max_extensions:
+            return LRChoice(best, scores, extensions, edge, trials, metrics)
+        lrs.append(best * (step_up if best == max(scores) else step_down))
+        extensions += 1
 
 
 def select_per_arm(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
     """Each arm's lr (module docstring); returns what selection.json records."""
     train_rd = reader(p, "train", lm.info["model_hash"])
     d_in, gs = train_rd.d, train_rd.manifest["grad_stats"]["grad_scale"]
-    grid = sorted(p.train.lr * m for m in p.selection.lr_multipliers)
-    step_up = grid[-1] / grid[-2] if len(grid) > 1 else 2.0
-    step_down = grid[0] / grid[1] if len(grid) > 1 else 0.5
     out: dict[str, Any] = {"protocol": "per_arm", "k": p.experiment.beta_select_k, "seeds": list(p.selection.seeds),
                            "split": "val", "objective": "plain-encode delta_ce, mean over the selection seeds",
                            "grad_scale": gs, "lr": {}, "lr_trials": {}, "extensions": {}, "at_edge": {},
                            "trials": []}
     for arm in p.experiment.arms:
-        lrs, scores, extensions = list(grid), {}, 0
-        while True:
-            todo = [lr for lr in lrs if lr not in scores]
-            specs = lr_trial_specs(p, arm, todo, d_in, gs)
-            res = _score(p, lm, [s for ss in specs.values() for s in ss], progress)
-            for lr, ss in specs.items():
-                scores[lr] = sum(res[s.name]["delta_ce"] for s in ss) / len(ss)
-                out["trials"] += [{"arm": arm, "lr": lr, "seed": s.seed, **_own(p, arm), **res[s.name]} for s in ss]
-            best = min(scores, key=scores.get)
-            edge = best in (min(scores), max(scores))
-            if not edge or extensions >= p.selection.max_extensions:
-                break
-            lrs.append(best * (step_up if best == max(scores) else step_down))
-            extensions += 1
-        out["lr"][arm], out["lr_trials"][arm] = best, scores
-        out["extensions"][arm], out["at_edge"][arm] = extensions, edge
+        c = select_lr(p, lm, arm, d_in, gs, progress)
+        out["lr"][arm], out["lr_trials"][arm] = c.lr, c.scores
+        out["extensions"][arm], out["at_edge"][arm] = c.extensions, c.at_edge
+        out["trials"] += c.trials
         out.update(_own(p, arm))
     return out
 
@@ -80,6 +103,71 @@ def select_per_arm(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
 def lr_trial_specs(p: Profile, arm: str, lrs: list[float], d_in: int, gs: float) -> dict[float, list[SAESpec]]:
     """The per_arm selection trials of ``arm``: each lr at every selection seed, at the primary length."""
     return {lr: [trial_spec(p, arm, d_in, gs, lr, s) for s in p.selection.seeds] for lr in lrs}
+
+
+def beta_arms(p: Profile) -> list[str]:
+    """The arms with a beta (the g-SAE): those the dose-response trains at every beta."""
+    return [a for a in p.experiment.arms if "beta" in arms.get(a).hyperparameters]
+
+
+def select_beta(p: Profile, lm, sel: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """The dose-response's selection (PREREG §3), on the validation split: each beta of ``experiment.beta_grid``
+    gets its own lr from the same trials as every arm's (``select_lr``; the first beta's is selection.json's), and
+    the chosen beta is the one whose trials at that lr have the lowest mean ``experiment.beta_select_encode``
+    validation delta_ce. A chosen beta on an edge of the grid adds one beta beyond it (the edge's own ratio), at most
+    ``selection.max_extensions`` times. Returns what beta_selection.json records."""
+    train_rd = reader(p, "train", lm.info["model_hash"])
+    d_in, gs, e = train_rd.d, train_rd.manifest["grad_stats"]["grad_scale"], p.experiment  # as select_per_arm
+    out: dict[str, Any] = {"k": e.beta_select_k, "seeds": list(p.selection.seeds), "split": "val",
+                           "objective": f"{e.beta_select_encode}-encode delta_ce at each beta's own lr, mean over "
+                                        f"the selection seeds", "arms": {}}
+    for arm in beta_arms(p):
+        betas, rec, extensions = sorted(e.beta_grid), {}, 0
+        while True:
+            for b in [b for b in betas if b not in rec]:
+                if b == e.beta_grid[0]:  # selection.json chose its lr: only its trials at that lr are scored
+                    lr = sel["lr"][arm]
+                    res = _score(p, lm, [trial_spec(p, arm, d_in, gs, lr, s) for s in p.selection.seeds], progress)
+                    c = LRChoice(lr, sel["lr_trials"][arm], sel["extensions"][arm], sel["at_edge"][arm], [],
+                                 {lr: list(res.values())})
+                else:
+                    c = select_lr(p, lm, arm, d_in, gs, progress, beta=b)
+                ms = c.metrics[c.lr]
+                score = sum(m[e.beta_select_encode]["delta_ce"] for m in ms) / len(ms)
+                rec[b] = {"beta": b, "lr": c.lr, "score": score, "lr_trials": c.scores, "at_edge": c.at_edge,
+                          "trials": c.trials,
+                          "selection_changed_share": [m["g"].get("selection_changed_share") for m in ms]}
+            best = min(rec, key=lambda b: rec[b]["score"])
+            edge = best in (min(rec), max(rec)) and len(rec) > 1
+            if not edge or extensions >= p.selection.max_extensions:
+                break
+            lo, hi = sorted(rec)[:2] if best == min(rec) else sorted(rec)[-2:]
+            betas.append(best * (lo / hi if best == min(rec) else hi / lo))
+            extensions += 1
+        out["arms"][arm] = {"beta": best, "lr": rec[best]["lr"], "extensions": extensions, "at_edge": edge,
+                            "betas": [rec[b] for b in sorted(rec)]}
+    return out
+
+
+def run_beta_selection(p: Profile, lm, sel: dict[str, Any], progress: bool = True) -> dict[str, Any] | None:
+    """beta_selection.json (``select_beta``), computed once and then reused; None without a dose-response."""
+    if not p.experiment.dose_seeds:
+        return None
+    path = results_dir(p) / "beta_selection.json"
+    want = json.loads(json.dumps({"beta_grid": p.experiment.beta_grid, "encode": p.experiment.beta_select_encode}))
+    if path.exists():
+        made = io.read_json(path)
+        if made.get("settings") != want:
+            raise ConfigError(f"{path} was made with other beta settings ({made.get('settings')}) than profile "
+                              f"{p.name!r} has ({want}); move it aside or run ./run_all.sh --reselect")
+        return made
+    out = {**select_beta(p, lm, sel, progress), "settings": want, "provenance": io.provenance(profile=p.to_dict())}
+    if distributed.is_main():
+        io.write_json(path, out)
+        registry_append(p, {"event": "beta_selection_done",
+                            "beta": {a: r["beta"] for a, r in out["arms"].items()}})
+    distributed.barrier()
+    return out
 
 
 def length_curve_specs(p: Profile, arm: str, lr: float, seed: int, d_in: int, gs: float,
@@ -132,10 +220,20 @@ def chosen_hyperparameters(p: Profile, sel: dict[str, Any]) -> dict[str, dict[st
 
 
 def all_specs(p: Profile, lm) -> list[SAESpec]:
-    """Every SAE of the grid; runs the selection first if it has not run."""
+    """Every SAE of the grid; runs the selection (and the beta selection of a dose-response) first if it has not
+    run. With a dose-response the g-SAE's primary group trains at the chosen beta and its lr, and every other beta
+    of the selection becomes group "beta_<b>" at ``experiment.dose_seeds``."""
     sel = run_selection(p, lm, progress=False)
     rd = reader(p, "train", lm.info["model_hash"])
-    return experiment_specs(p, rd.d, sel["grad_scale"], chosen_hyperparameters(p, sel), sel["lr"])
+    chosen, lr = chosen_hyperparameters(p, sel), dict(sel["lr"])
+    dose = run_beta_selection(p, lm, sel, progress=False)
+    for arm, rec in (dose or {}).get("arms", {}).items():
+        chosen[arm], lr[arm] = {**chosen.get(arm, {}), "beta": rec["beta"]}, rec["lr"]
+    specs = experiment_specs(p, rd.d, sel["grad_scale"], chosen, lr)
+    for arm, rec in (dose or {}).get("arms", {}).items():
+        specs += dose_specs(p, arm, rd.d, sel["grad_scale"], {b["beta"]: b["lr"] for b in rec["betas"]
+                                                              if b["beta"] != rec["beta"]})
+    return specs
 
 
 def convergence(p: Profile, lm, progress: bool = True) -> dict[str, Any]:
