@@ -18,10 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .paths import ROOT
-from .typed_yaml import TypeMismatch, describe, typed_kwargs
+from .typed_yaml import ConfigError, TypeMismatch, describe, read_yaml, shown_path, typed_kwargs
 
 PROFILES_DIR = ROOT / "profiles"
 KNOWN_MODELS = ("smollm2-135m", "tiny", "gpt2")
@@ -31,10 +29,6 @@ CORPORA = ("brown", "sotu", "brown+sotu", "openwebtext")
 KNOWN_HOOKS = ("resid_pre", "resid_post", "resid_mid")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 """Storage dtypes of harvested activations and gradients (``harvest.dtype``)."""
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which one and what to do."""
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -444,28 +438,6 @@ def profile_from_dict(name: str, raw: dict[str, Any]) -> Profile:
     _require(not stray, f"variants.length_seeds {sorted(stray)} are not experiment seeds; the length check pairs each "
                         f"seed with its primary SAE, so pick them from experiment.seeds")
     return Profile(name=name, **parts)
-
-
-def shown_path(p: Path) -> str:
-    """``p`` as error messages name it: relative to the repository (profiles/x.yaml) when inside it."""
-    try:
-        return str(p.resolve().relative_to(PROFILES_DIR.parent))
-    except ValueError:
-        return str(p)
-
-
-def read_yaml(p: Path) -> Any:
-    """The parsed YAML file ``p``; a syntax error is one line, ``<file>:<line>:<column>: invalid YAML: ...``."""
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{shown_path(p)}:{mark.line + 1}:{mark.column + 1}" if mark else shown_path(p)
-        what = " ".join(str(e.problem or "").split()) or "syntax error"
-        context = " ".join(str(e.context or "").split())
-        raise ConfigError(f"{where}: invalid YAML: {what}{f' ({context})' if context else ''}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{shown_path(p)}: invalid YAML: {' '.join(str(e).split())}") from None
 
 
 def profile_file(name_or_path: str | Path) -> Path:

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import types
 import typing
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from .paths import ROOT
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which one and what to do."""
 
 
 class TypeMismatch(ValueError):
@@ -127,3 +136,25 @@ def typed_kwargs(cls: type, section: str, raw: dict[str, Any]) -> dict[str, Any]
             raise TypeMismatch(f"section '{section}', key '{key}': expected {_expected(tp)}, got "
                                f"{describe(value)}{m.args[0] if m.args else ''}{hint}") from None
     return kwargs
+
+
+def shown_path(p: Path) -> str:
+    """``p`` as error messages name it: relative to the repository (profiles/x.yaml) when inside it."""
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def read_yaml(p: Path) -> Any:
+    """The parsed YAML file ``p``; a syntax error is one line, ``<file>:<line>:<column>: invalid YAML: ...``."""
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{shown_path(p)}:{mark.line + 1}:{mark.column + 1}" if mark else shown_path(p)
+        what = " ".join(str(e.problem or "").split()) or "syntax error"
+        context = " ".join(str(e.context or "").split())
+        raise ConfigError(f"{where}: invalid YAML: {what}{f' ({context})' if context else ''}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{shown_path(p)}: invalid YAML: {' '.join(str(e).split())}") from None

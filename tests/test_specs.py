@@ -18,21 +18,21 @@ CHOSEN = {"gsae": {"beta": 0.1}}
 
 
 def profile(**variants):
-    raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    """profiles/robustness.yaml (the default study's primary group with the robustness reruns), ``variants`` set."""
+    raw = yaml.safe_load((ROOT / "profiles" / "robustness.yaml").read_text())
     raw["variants"] = {**raw["variants"], **variants}
     return profile_from_dict("default", raw)
 
 
-@pytest.mark.parametrize("length_seeds, expected", [([], range(16)), ([0, 1, 2, 3, 4, 5, 6, 7], range(8)),
-                                                    ([3, 11], (3, 11))])
+@pytest.mark.parametrize("length_seeds, expected", [([], range(8)), ([0, 1, 2, 3], range(4)), ([3, 6], (3, 6))])
 def test_length_group_retrains_the_primary_k_saes_of_its_seeds_for_m_times_the_tokens(length_seeds, expected):
-    """Without ``length_seeds`` every primary seed (PREREG v3/v4); with them only those (PREREG v5: seeds 0-7)."""
+    """Without ``length_seeds`` every primary seed; with them only those."""
     p = profile(length_multiplier=2.0, length_seeds=length_seeds)
     grid = specs.experiment_specs(p, 576, 1.0, {"gsae": {"beta": 0.1}}, {"topk": 4e-3, "gsae": 2e-3})
     primary = {(s.arm, s.k, s.seed): s for s in grid if s.group == "primary"}
     longer = [s for s in grid if s.group == "length_2"]
     assert specs.length_group(p) == "length_2"
-    assert len(p.experiment.seeds) == 16
+    assert len(p.experiment.seeds) == 8
     assert sorted((s.arm, s.k, s.seed) for s in longer) == sorted((a, 32, s) for a in ("topk", "gsae")
                                                                   for s in expected)
     for s in longer:
@@ -48,10 +48,13 @@ def test_length_seeds_outside_the_primary_seeds_are_refused_with_what_to_do():
         profile(length_seeds=[0, 16])
 
 
-def test_the_registered_profile_runs_the_length_check_on_the_registered_seeds():
-    """profiles/default.yaml and prereg.yaml name the same length-check seeds (PREREG §5)."""
-    pre = yaml.safe_load((ROOT / "prereg.yaml").read_text())
-    assert list(profile().variants.length_seeds) == pre["length_check"]["seeds"] == list(range(8))
+def test_the_robustness_profile_reruns_the_registered_seeds_and_the_default_profile_none():
+    """PREREG v6 §7: one thread on seeds 0-3, twice the length on seeds 0-7; the default run has no variant."""
+    p = profile()
+    assert (p.variants.threads, list(p.variants.seeds), p.variants.length_multiplier) == (1, [0, 1, 2, 3], 2.0)
+    assert list(p.variants.length_seeds) == list(range(8)) and not p.experiment.dose_seeds
+    default = profile_from_dict("default", yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text()))
+    assert not specs.length_group(default) and not default.variants.threads
 
 
 def test_length_group_rounds_to_whole_batches():

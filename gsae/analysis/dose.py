@@ -121,6 +121,68 @@ def render_dose(points: list[DosePoint]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TEST_STYLE = {"C1: delta_ce_all (plain)": ("ΔCE, no labels (C1)", "#1f77b4", "o"),
+              "C1: kl_all (plain)": ("KL, no labels (C1)", "#1f77b4", "s"),
+              "C1g: delta_ce_all (g)": ("ΔCE, labels at inference (C1g)", "#d62728", "o"),
+              "C1g: kl_all (g)": ("KL, labels at inference (C1g)", "#d62728", "s")}
+"""Label, colour and marker of each dose-response test in the figure (others get defaults)."""
+
+
+def plot_dose(points: list[DosePoint], min_effect: float = 0.05):
+    """Two panels against β (log axis): the share of the k selected latents the gradient changes (mean over seeds,
+    every test token), and each test's paired gain over TopK with its interval (the claims' rule), the claims'
+    minimum effect dashed and the chosen β marked."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    pts = [pt for pt in points if pt.tests]
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, (ax_s, ax_g) = plt.subplots(1, 2, figsize=(10.5, 4.2), gridspec_kw={"width_ratios": [1, 1.6]})
+    betas = [pt.beta for pt in pts]
+    ax_s.plot(betas, [100 * pt.means.get("selection_changed_share (g)", math.nan) for pt in pts], "o-", color="0.25")
+    ax_s.set(xscale="log", xlabel="β", ylabel="% of the k selected latents the gradient changes",
+             title="the dose: how much the gradient acts")
+    ax_s.set_ylim(bottom=0)
+    names = [r.test for r in pts[0].tests] if pts else []
+    offsets = {n: f for n, f in zip(names, (0.94, 0.98, 1.02, 1.06), strict=False)}
+    for name in names:
+        label, color, marker = TEST_STYLE.get(name, (name, None, "o"))
+        rs = [(pt.beta * offsets[name], next(r for r in pt.tests if r.test == name)) for pt in pts]
+        xs = [b for b, _ in rs]
+        est = [100 * r.estimate for _, r in rs]
+        err = [[100 * (r.estimate - r.lower) for _, r in rs], [100 * (r.upper - r.estimate) for _, r in rs]]
+        ax_g.errorbar(xs, est, yerr=err, fmt=marker + ("-" if marker == "o" else "--"), color=color, capsize=3,
+                      ms=6, lw=1.4, label=label, mfc=color if marker == "o" else "white")
+    ax_g.axhline(0, color="0.3", lw=1)
+    ax_g.axhline(100 * min_effect, color="0.45", lw=1, ls=":",
+                 label=f"the claims' minimum effect ({100 * min_effect:g}%)")
+    for pt in pts:
+        if pt.chosen:
+            for ax in (ax_s, ax_g):
+                ax.axvline(pt.beta, color="0.6", lw=6, alpha=0.25, zorder=0)
+            ax_g.text(pt.beta, ax_g.get_ylim()[1], " chosen on validation", fontsize=9, va="top", color="0.35")
+    ax_g.set(xscale="log", xlabel="β", ylabel="gain over TopK, % of TopK (> 0: g-SAE better)",
+             title=f"paired gain on seeds {', '.join(map(str, pts[0].seeds)) if pts else ''} (Bonferroni intervals)")
+    ax_g.legend(fontsize=8.5, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def beta_selection_table(beta_selection: dict[str, Any], arm: str = TREATMENT) -> list[dict[str, Any]]:
+    """One row per beta of ``arm``'s beta selection (results/<profile>/beta_selection.json): its lr, the objective
+    (the registered encoder's validation delta_ce at that lr, mean over the selection seeds), the plain-encode's
+    beside it, and the share of the k selections the gradient changes on the validation rows."""
+    rec = beta_selection["arms"][arm]
+    out = []
+    for b in rec["betas"]:
+        plain = next((v for lr, v in b["lr_trials"].items() if math.isclose(float(lr), b["lr"])), math.nan)
+        share = [x for x in b.get("selection_changed_share", []) if x is not None]
+        out.append({"β": b["beta"], "chosen": "◀" if b["beta"] == rec["beta"] else "", "lr": b["lr"],
+                    "objective (validation ΔCE)": round(b["score"], 4), "plain-encode validation ΔCE": round(plain, 4),
+                    "selections changed": f"{100 * float(np.mean(share)):.1f}%" if share else "—"})
+    return out
+
+
 def _pct(x: float) -> str:
     return "—" if math.isnan(x) else f"{100 * x:+.1f}%"
 

@@ -20,6 +20,9 @@ SHORT_NAMES = {"delta_ce_all": "fidelity: ΔCE", "kl_all": "fidelity: KL", "delt
                "kl": "fidelity: KL (first contexts)", "dead_fraction_trainsplit": "dead latents",
                "steer_kl_ratio@0.1": "steering KL / random", "probe_auc_pos_heldout": "POS-probe AUC"}
 """How the headline figure names each registered metric (others keep their identifier)."""
+FIDELITY = ("delta_ce_all", "kl_all", "delta_ce", "kl")
+LABELS = {"plain": ", no labels", "g": ", labels"}
+"""A fidelity test's encoder: plain-encode uses no label at inference, the g-encode the true next tokens."""
 
 
 def headline_rows(record: dict[str, Any], pre: dict[str, Any]) -> list[tuple[dict, dict, dict]]:
@@ -59,6 +62,7 @@ def _forest(ax: plt.Axes, rows: list[tuple[dict, dict, dict]], scale: float, fmt
         ax.text(1.03, y - 0.04, numbers, transform=to_text, color="0.15", fontsize=10, va="top")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{c['claim']} {SHORT_NAMES.get(t['metric'], t['metric'])}"
+                        + (LABELS.get(t["encode_mode"], "") if t["metric"] in FIDELITY else "")
                         + ("" if t["rule"] != "relative" else f"\nneeds ≥ {100 * float(t['min_rel_effect']):g}%")
                         for c, _, t in reversed(rows)], fontsize=10.5)
     ax.set_ylim(-0.6, len(rows) - 0.4)

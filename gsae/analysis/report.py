@@ -27,7 +27,8 @@ QUALITY_NOTE = (
     "encoder. For scale only: OpenAI's GPT-2-small TopK SAEs (another model, far more training) reach a CE score "
     "≈ 0.99, explained variance ≈ 0.93 and KL ≈ 0.07 at L0 32.")
 
-PLAIN_NAMES = {"C1": "Fidelity", "C2": "Dead latents", "C3": "Steering", "C4": "Interpretability"}
+PLAIN_NAMES = {"C1": "Fidelity without labels", "C1g": "Fidelity with labels at inference, as the paper scores it",
+               "C2": "Dead latents", "C3": "Steering", "C4": "Interpretability"}
 """How the answer names each claim."""
 METRIC_WORDS = {"delta_ce_all": "CE increase when spliced into the LM", "delta_ce": "CE increase when spliced",
                 "kl_all": "KL(clean ‖ spliced)", "kl": "KL(clean ‖ spliced)",
@@ -104,9 +105,10 @@ def _abs(x: float, metric: str, d_sae: int | None) -> str:
 
 
 def render_answer(results: list[ClaimResult], pre: dict[str, Any], d_sae: int | None,
-                  checks: list[LengthCheck]) -> str:
+                  checks: list[LengthCheck], points: list[dose.DosePoint] = ()) -> str:
     """The answer in plain words: per claim its verdict, both arms' means in the metric's unit and the gain with
-    its deciding interval; then the convention and the length check, in one line."""
+    its deciding interval; then the convention, the chosen beta with how much the gradient changes the selection,
+    and the length check, in one line."""
     lines = []
     for c in results:
         specs = {f"{t['metric']} ({t['encode_mode']})": t for t in pre["claims"][c.claim]["tests"]}
@@ -115,10 +117,10 @@ def render_answer(results: list[ClaimResult], pre: dict[str, Any], d_sae: int | 
             t = specs[r.test]
             metric = t["metric"]
             words = METRIC_WORDS.get(metric, metric)
-            if math.isnan(r.estimate):
-                parts.append(f"{words}: {r.verdict}")
-                continue
             means = f"TopK {_abs(r.baseline_mean, metric, d_sae)}, g-SAE {_abs(r.treatment_mean, metric, d_sae)}"
+            if math.isnan(r.estimate):
+                parts.append(f"{words}: " + (f"{means}; " if not math.isnan(r.baseline_mean) else "") + r.verdict)
+                continue
             if t["rule"] == "equivalence":
                 need = f"comparable if the difference stays above −{t['margin']:g}"
                 parts.append(f"{words}: {means}; difference {effect_text(r, True)} ({need})")
@@ -133,6 +135,12 @@ def render_answer(results: list[ClaimResult], pre: dict[str, Any], d_sae: int | 
     k = ", ".join(str(k) for k in pre["primary_k"])
     tail = (f"- At k = {k}. Gains are (TopK − g-SAE) / TopK, positive = g-SAE better, with the deciding 95% "
             f"Bonferroni interval.")
+    chosen = next((pt for pt in points if pt.chosen), None)
+    if chosen is not None:
+        share = chosen.means.get("selection_changed_share (g)", math.nan)
+        tail += (f" The g-SAE's β = {chosen.beta:g} was chosen on the validation split from "
+                 f"{', '.join(f'{pt.beta:g}' for pt in points if pt.tests)}; at it the gradient changes "
+                 f"{100 * share:.0f}% of the {', '.join(str(k) for k in pre['primary_k'])} selected latents.")
     if checks:
         stable = ledger.length_stable(checks)
         tail += (f" {pre['length_check']['claim']} is " + ("length-stable over one doubling of training." if stable
@@ -183,7 +191,7 @@ def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, su
               "claims": [c._asdict() | {key: [r._asdict() for r in getattr(c, key)]
                                         for key in ("primary", "curve", "secondary")} for c in results],
               "length_check": [c._asdict() for c in checks], "dose": dose.record(points)}
-    return Report(render_answer(results, pre, d_sae, checks), render_claims_table(results, pre), md, record,
+    return Report(render_answer(results, pre, d_sae, checks, points), render_claims_table(results, pre), md, record,
                   results, checks)
 
 
