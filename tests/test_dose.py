@@ -86,3 +86,9 @@ def test_the_report_names_the_chosen_beta_and_the_dose_in_the_answer_and_the_led
     assert [pt["beta"] for pt in rep.record["dose"]] == [0.0, 0.1, 1.0, 3.0]
     fig = dose.plot_dose(dose.evaluate_dose(PRE, rows(), 1.0))
     assert len(fig.axes) == 2 and len(fig.axes[1].get_legend().get_texts()) == 5
+
+
+def test_every_point_rests_on_the_seeds_all_groups_have():
+    rs = [r for r in rows() if not (r["variant"] == "beta_3" and r["seed"] >= 2)]  # beta 3 trained seeds 0-1 only
+    points = dose.evaluate_dose(PRE, rs, chosen_beta=1.0)
+    assert {pt.seeds for pt in points} == {(0, 1)} and all(r.n == 2 for pt in points for r in pt.tests)

@@ -269,7 +269,8 @@ def test_result_sentences_say_the_plotted_numbers():
     record, pre = headline_inputs()
     s = captions.headline(record, pre)
     assert s.startswith("**Result:** at k = 32 with 16 paired seeds")
-    assert "C1 (fidelity) **not replicated**: ΔCE +1.0% [-0.4%, +2.4%], needs ≥ 5%; KL +0.6% [+0.1%, +1.0%]" in s
+    assert ("C1 (fidelity without labels) **not replicated**: ΔCE +1.0% [-0.4%, +2.4%], needs ≥ 5%; "
+            "KL +0.6% [+0.1%, +1.0%]") in s
     assert "C2 (dead latents) **underpowered**: dead latents +18.1% [+0.2%, +36.0%], needs ≥ 20%" in s
     assert "POS-probe AUC +0.0013 [-0.0028, +0.0053], needs > −0.02" in s
 

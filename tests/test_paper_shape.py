@@ -71,6 +71,6 @@ def test_paper_profile_code_path_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert all(k in r["metrics"] for r in rows if r["encode_mode"] == "plain" for k in ("delta_ce", "kl"))
     assert any("steer_kl_ratio@0.1" in r["metrics"] for r in rows)
     led = json.loads((tmp_path / "results" / "paper_shape" / "ledger.json").read_text())
-    assert {c["claim"] for c in led["claims"]} == {"C1", "C2", "C3", "C4"} and len(led["length_check"]) == 2
+    assert {c["claim"] for c in led["claims"]} == {"C1", "C1g", "C2", "C3", "C4"} and len(led["length_check"]) == 2
     assert "Latent" in browser.read_text()
     print(f"paper-shaped profile end to end on CPU: {seconds:.0f} s")

@@ -79,7 +79,7 @@ def test_answer_gives_absolute_values_beside_the_gain_computed_by_hand():
     rep = report.build(PREREG, rows, d_sae=2304)
     c1, c2, tail = rep.answer.strip().split("\n")
     half = sps.t.ppf(0.975, 3) * np.std([0.10, 0.12, 0.08, 0.10], ddof=1) / 2
-    assert "Fidelity (C1): replicated." in c1
+    assert "Fidelity without labels (C1): replicated." in c1
     assert "TopK 0.500 nats, g-SAE 0.450 nats" in c1
     assert f"gain +10.0% [+{100 * (0.1 - half):.1f}%, +{100 * (0.1 + half):.1f}%]" in c1
     assert "gain +10.0% [+7.4%, +12.6%]" in c1
@@ -122,7 +122,7 @@ def test_a_resolved_gain_short_of_the_minimum_says_so():
     # gains 0.9, 1.1, 1.0, 1.0 % of TopK's 0.5: the interval excludes 0 and the 5 % minimum, "not replicated"
     rows = rows_with([0.5] * 4, [0.4955, 0.4945, 0.495, 0.495], [0.01] * 4, [0.01] * 4)
     c1 = report.build(PREREG, rows, d_sae=2304).answer.splitlines()[0]
-    assert "Fidelity (C1): not replicated." in c1 and "gain +1.0% [+0." in c1
+    assert "Fidelity without labels (C1): not replicated." in c1 and "gain +1.0% [+0." in c1
     assert "above 0 but short of the 5% the claim needs" in c1
 
 

@@ -1,4 +1,4 @@
-"""The dose-response (PREREG v6 §3): how much the gradient changes the g-SAE's selection at each beta, and what that
+"""The dose-response (PREREG v6 §5): how much the gradient changes the g-SAE's selection at each beta, and what that
 does to fidelity under both C1 estimands.
 
 Each beta's g-SAEs (group ``beta_<b>``; the chosen beta's are the primary group) are paired with TopK's primary SAEs
@@ -58,11 +58,12 @@ def evaluate_dose(prereg: dict[str, Any], rows: list[dict[str, Any]], chosen_bet
     betas = sorted({**present, "primary": float(chosen_beta)}.items(), key=lambda vb: vb[1])
     out = []
     for k in prereg["primary_k"]:
-        topk_seeds = _seeds(index, "primary", BASELINE, k) & dose_seeds
-        out.append(DosePoint(0.0, "primary", False, tuple(sorted(topk_seeds)),
-                             _means(index, "primary", BASELINE, k, topk_seeds), []))
+        seeds = _seeds(index, "primary", BASELINE, k) & dose_seeds  # every point on the seeds all of them have
+        for variant, _ in betas:
+            seeds &= _seeds(index, variant, TREATMENT, k)
+        out.append(DosePoint(0.0, "primary", False, tuple(sorted(seeds)),
+                             _means(index, "primary", BASELINE, k, seeds), []))
         for variant, beta in betas:
-            seeds = _seeds(index, variant, TREATMENT, k) & topk_seeds
             sub = {("dose", arm, mode, kk): {s: m for s, m in per.items() if s in seeds}
                    for (v, arm, mode, kk), per in index.items()
                    if kk == k and ((v == "primary" and arm == BASELINE) or (v == variant and arm == TREATMENT))}
@@ -103,7 +104,7 @@ def render_dose(points: list[DosePoint]) -> str:
             ("explained_variance (plain)", "explained variance", ".4f"),
             ("ce_loss_score_all (plain)", "CE-loss score, no labels", ".4f"),
             ("ce_loss_score_all (g)", "CE-loss score, labels", ".4f"), ("l0 (plain)", "L0", ".1f")]
-    lines = ["Dose-response (PREREG v6 §3; reported, never decisive): each beta's g-SAEs on the dose seeds "
+    lines = ["Dose-response (PREREG v6 §5; reported, never decisive): each beta's g-SAEs on the dose seeds "
              f"{list(points[0].seeds)}, means over seeds, every test context. \"No labels\" is the plain-encode "
              "(C1's estimand); \"labels\" is the g-encode with the true next tokens' gradient (C1g's, as the paper "
              "defines it). TopK has no gradient, so its two columns are the same SAEs.\n",

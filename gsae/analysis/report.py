@@ -53,17 +53,16 @@ class Report(NamedTuple):
 def prereg_for(profile_name: str, primary_k: list[int], k_grid: list[int], length_group: str,
                length_multiplier: float, length_seeds: list[int], pre: dict[str, Any]) -> dict[str, Any]:
     """The registered pre-registration ``pre`` as it applies to a profile: the registered profile gets it as
-    written; another (smoke) is analysed on its own k grid, with the length check on its own length group, if it
-    has one."""
-    if profile_name == pre.get("profile"):
-        return pre
-    pre = {**pre, "primary_k": list(primary_k), "k_grid": list(k_grid)}
-    if "length_check" in pre and length_group:
-        lc = {key: v for key, v in pre["length_check"].items() if key != "seeds"}  # the registered profile's seeds
-        pre["length_check"] = {**lc, "variant": length_group, "multiplier": length_multiplier,
-                               **({"seeds": list(length_seeds)} if length_seeds else {})}
-    elif "length_check" in pre:
-        del pre["length_check"]  # a profile without a length group has nothing to check
+    written; another (smoke, robustness) is analysed on its own k grid, with the length check on its own length
+    group. A profile without a length group (the registered one since v6) has no length check."""
+    if profile_name != pre.get("profile"):
+        pre = {**pre, "primary_k": list(primary_k), "k_grid": list(k_grid)}
+        if "length_check" in pre and length_group:
+            lc = {key: v for key, v in pre["length_check"].items() if key != "seeds"}  # the registered seeds
+            pre["length_check"] = {**lc, "variant": length_group, "multiplier": length_multiplier,
+                                   **({"seeds": list(length_seeds)} if length_seeds else {})}
+    if "length_check" in pre and not length_group:
+        pre = {key: v for key, v in pre.items() if key != "length_check"}  # nothing to check
     return pre
 
 
