@@ -66,7 +66,14 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
     conv = json.loads((RESULTS / "convergence.json").read_text())
     assert set(conv["curves"]) == set(exp.arms) and all(len(c) == 2 for c in conv["curves"].values())
     ledger = json.loads((RESULTS / "ledger.json").read_text())
-    assert {c["claim"] for c in ledger["claims"]} == {"C1", "C2", "C3", "C4"}
+    assert {c["claim"] for c in ledger["claims"]} == {"C1", "C1g", "C2", "C3", "C4"}
+    beta_sel = json.loads((RESULTS / "beta_selection.json").read_text())  # the beta of the dose grid (PREREG v6 §3)
+    chosen = beta_sel["arms"]["gsae"]["beta"]
+    assert {b["beta"] for b in beta_sel["arms"]["gsae"]["betas"]} >= set(exp.beta_grid) and chosen > 0
+    dose = ledger["dose"]  # TopK, then every beta on the same seeds, the chosen one marked
+    assert dose[0]["beta"] == 0 and [d["beta"] for d in dose if d["chosen"]] == [chosen]
+    assert len(dose) == 1 + len(beta_sel["arms"]["gsae"]["betas"]) and len({tuple(d["seeds"]) for d in dose}) == 1
+    assert all(len(d["tests"]) == 4 for d in dose[1:])  # C1 and C1g, two tests each
     lengths = ledger["length_check"]  # PREREG §5 on the smoke profile's length_2 group, every primary seed
     assert [c["test"] for c in lengths] == ["delta_ce_all (plain)", "kl_all (plain)"]  # on every test context
     assert all(c["n"] == len(exp.seeds) and c["outcome"] != "not tested" for c in lengths), lengths
@@ -74,8 +81,9 @@ def test_smoke_profile_runs_end_to_end_and_results_are_sane(smoke_run):
     prov = json.loads((RESULTS / "provenance.json").read_text())
     assert prov["git"]["commit"] and prov["data"]["split_hash"] and prov["packages"]["torch"].startswith("2.13")
     figures = ("lm_ce_by_position.png", "harvest_norms.png", "selection.png", "convergence.png",
-               "training_curves.png", "fidelity_delta_ce_kl.png", "paired_delta_ce_kl.png",
-               "paired_c1_all_contexts.png", "length_check.png", "fvu_dead.png", "latent_frequency.png",
+               "training_curves.png", "fidelity_delta_ce_kl.png", "dose_response.png",
+               "paired_c1_all_contexts.png", "paired_c1g_all_contexts.png", "length_check.png", "fvu_dead.png",
+               "latent_frequency.png",
                "steering_kl.png", "steering_logprob.png", "probing.png", "headline.png")
     for fig in figures:
         assert (RESULTS / "figures" / fig).stat().st_size > 1000, fig
@@ -137,7 +145,7 @@ def test_full_test_scores_every_test_context_like_a_hand_written_splice(smoke_ru
     lm = stages.load_lm(p, progress=False)
     mh = lm.info["model_hash"]
     chosen = full_test.c1_specs(p, all_specs(p, lm))
-    assert {s.group for s in chosen} == {"primary", "threads_1", "length_2"}
+    assert {s.group for s in chosen if not s.group.startswith("beta_")} == {"primary", "threads_1", "length_2"}
     assert {s.k for s in chosen} == set(p.experiment.primary_k)
     spec = next(s for s in chosen if s.arm == "gsae" and s.group == "primary")
     stored = full_test.run_full_test(p, lm, [spec])[spec.name]["metrics"]["plain"]  # the run's cached file

@@ -51,10 +51,15 @@ class Report(NamedTuple):
 
 
 def prereg_for(profile_name: str, primary_k: list[int], k_grid: list[int], length_group: str,
-               length_multiplier: float, length_seeds: list[int], pre: dict[str, Any]) -> dict[str, Any]:
+               length_multiplier: float, length_seeds: list[int], pre: dict[str, Any],
+               variants: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The registered pre-registration ``pre`` as it applies to a profile: the registered profile gets it as
     written; another (smoke, robustness) is analysed on its own k grid, with the length check on its own length
-    group. A profile without a length group (the registered one since v6) has no length check."""
+    group. A profile without a length group (the registered one since v6) has no length check, and each claim's
+    robustness reruns are those of ``variants`` (the profile's variant groups, when given) it registers."""
+    if variants is not None:
+        pre = {**pre, "claims": {cid: {**c, "robustness": [v for v in c.get("robustness", []) if v in variants]}
+                                 for cid, c in pre["claims"].items()}}
     if profile_name != pre.get("profile"):
         pre = {**pre, "primary_k": list(primary_k), "k_grid": list(k_grid)}
         if "length_check" in pre and length_group:

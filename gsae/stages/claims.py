@@ -33,9 +33,10 @@ def _at_root(rel: str | Path | None, default: str) -> Path:
 
 def prereg_for(p: Profile, path: Path | None = None) -> dict[str, Any]:
     """The pre-registration as it applies to ``p`` (``report.prereg_for``)."""
+    variants = tuple(v for v in ((f"threads_{p.variants.threads}" if p.variants.threads else ""), length_group(p)) if v)
     return report.prereg_for(p.name, list(p.experiment.primary_k or p.experiment.k_grid), list(p.experiment.k_grid),
                              length_group(p), p.variants.length_multiplier, list(p.variants.length_seeds),
-                             ledger.load_prereg(_at_root(path, PREREG)))
+                             ledger.load_prereg(_at_root(path, PREREG)), variants)
 
 
 def _d_sae(p: Profile) -> int | None:
