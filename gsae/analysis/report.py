@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import arms
-from . import decision, dose, ledger
+from . import decision, dose, kl, ledger
 from .ledger import ClaimResult, LengthCheck, TestResult
 from .rows import mean_t_interval
 
@@ -174,6 +174,7 @@ def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, su
     nothing."""
     results = ledger.evaluate(pre, rows)
     points = dose.evaluate_dose(pre, rows, chosen_beta)
+    kl_gains, kl_inter = kl.evaluate_kl(pre, rows)
     half = [r.half_width_pct for c in results if c.claim == "C1" for r in c.primary if r.test.startswith("delta_ce")]
     power = (f"C1 at k = {pre['primary_k']}: 95% half-width of the paired ΔCE gain = "
              + ", ".join("—" if math.isnan(h) else f"{h:.2f}%" for h in half)
@@ -185,7 +186,8 @@ def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, su
     md = "\n".join(part for part in (
         "# Claims ledger (generated from metrics.jsonl and prereg.yaml; do not edit)\n",
         "Gains are (TopK − g-SAE) / TopK in % (positive = g-SAE better) unless marked as a difference.\n",
-        render(results, pre) + power, dose.render_dose(points), render_limits(results, pre),
+        render(results, pre) + power, dose.render_dose(points), kl.render_kl(kl_gains, kl_inter),
+        render_limits(results, pre),
         render_claim_rates(rows, pre), superseded,
         convergence,
         render_length_check(checks, pre),
@@ -194,7 +196,8 @@ def build(pre: dict[str, Any], rows: list[dict], *, d_sae: int | None = None, su
     record = {"prereg_version": pre["version"],
               "claims": [c._asdict() | {key: [r._asdict() for r in getattr(c, key)]
                                         for key in ("primary", "curve", "secondary")} for c in results],
-              "length_check": [c._asdict() for c in checks], "dose": dose.record(points)}
+              "length_check": [c._asdict() for c in checks], "dose": dose.record(points),
+              "kl_finetune": {"gains": [r._asdict() for r in kl_gains], "interaction": [i._asdict() for i in kl_inter]}}
     return Report(render_answer(results, pre, d_sae, checks, points), render_claims_table(results, pre), md, record,
                   results, checks)
 
