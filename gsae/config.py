@@ -233,7 +233,8 @@ class ExperimentConfig:
     beta_select_k: int = 32
     """k of every selection trial."""
     beta_select_encode: str = field(default="plain", metadata=ADDED_LATER)
-    """Encoder ("plain" or "g") whose mean validation delta_ce over the selection seeds chooses beta."""
+    """Encoder ("plain" or "g") whose mean validation delta_ce over the selection seeds chooses beta; "none": no
+    trials, ``beta_grid[0]`` is chosen and every beta trains at the arm's selected lr."""
     dose_seeds: tuple[int, ...] = field(default=(), metadata=ADDED_LATER)
     """Seeds of the dose-response: every beta of ``beta_grid`` but the chosen one, at the primary k, as group
     "beta_<b>" (empty: the g-SAE trains at ``beta_grid[0]`` only, with no beta selection)."""
@@ -253,7 +254,7 @@ class ExperimentConfig:
         _require(len(self.k_grid) >= 1 and all(k > 0 for k in self.k_grid), "experiment.k_grid must be positive")
         _require(len(set(self.seeds)) == len(self.seeds) and len(self.seeds) >= 1, "experiment.seeds must be unique")
         _require(all(b > 0 for b in self.beta_grid), "experiment.beta_grid values must be > 0")
-        _require(self.beta_select_encode in ("plain", "g"), "experiment.beta_select_encode must be plain or g")
+        _require(self.beta_select_encode in ("plain", "g", "none"), "experiment.beta_select_encode: plain, g or none")
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,13 @@ def test_the_sampled_label_free_gradient_is_refused_as_a_pipeline_setting():
     with pytest.raises(ConfigError, match="label_free: sampled is not a pipeline setting"):
         check_profile(profile_from_dict("sampled", raw))
     check_profile(profile_from_dict("argmax", {**raw, "harvest": {**raw["harvest"], "label_free": "argmax"}}))
+
+
+def test_no_beta_selection_keeps_the_first_beta_and_trains_every_beta_at_the_arms_lr(monkeypatch):
+    trained = beta_training(monkeypatch, g_best=3.0)
+    raw = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    raw["experiment"] = {**raw["experiment"], "beta_grid": [0.1, 1.0], "beta_select_encode": "none"}
+    rec = sel.select_beta(profile_from_dict("x", raw), SimpleNamespace(info={"model_hash": "x"}), V5_SELECTION,
+                          progress=False)["arms"]["gsae"]
+    assert not trained and rec["beta"] == 0.1 and [(b["beta"], b["lr"]) for b in rec["betas"]] == [(0.1, 4e-3),
+                                                                                                (1.0, 4e-3)]

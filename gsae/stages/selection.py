@@ -122,6 +122,10 @@ def select_beta(p: Profile, lm, sel: dict[str, Any], progress: bool = True) -> d
                            "objective": f"{e.beta_select_encode}-encode delta_ce at each beta's own lr, mean over "
                                         f"the selection seeds", "arms": {}}
     for arm in beta_arms(p):
+        if e.beta_select_encode == "none":  # fixed: the first beta, every beta at the arm's selected lr
+            out["arms"][arm] = {"beta": e.beta_grid[0], "lr": sel["lr"][arm], "extensions": 0, "at_edge": False,
+                                "betas": [{"beta": b, "lr": sel["lr"][arm]} for b in sorted(e.beta_grid)]}
+            continue
         betas, rec, extensions = sorted(e.beta_grid), {}, 0
         while True:
             for b in [b for b in betas if b not in rec]:
