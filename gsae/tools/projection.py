@@ -8,7 +8,10 @@ Measured (``measure_costs``), each on the resolved device with the profile's sha
   (``gsae.standins.random_gpt2``; for GPT-2 small it IS the shape): seconds per token of the harvest step
   (forward + backward to the hook) and of a forward from the hook's block to the logits (splices, steering).
 * SAE: ``gsae.train.train_sae`` steps of each arm at the profile's d_in, d_sae and k on synthetic batches, and an
-  encode of one batch. On CUDA at the profile's batch size; on the CPU at a smaller batch, scaled linearly.
+  encode of one batch. On CUDA at the profile's batch size; on the CPU at a smaller batch, scaled linearly. A KL
+  fine-tune arm's step is modelled, not measured: its base arm's step plus, for ``train.kl_frac`` of the steps, a
+  KL step over ``batch_size`` tokens at one harvest step (the clean pass) and three forwards from the hook (the
+  spliced forward and its backward) per token.
 
 Projected (``project``): every stage's work counted from the profile (harvest tokens, SAEs and their steps,
 evaluation contexts and runs, steering rows, probed rows) times those costs. Not included: downloading and
@@ -100,8 +103,13 @@ def measure_costs(p: Profile, device: torch.device, lm_contexts: int | None = No
     batch = p.train.batch_size if device.type == "cuda" else min(p.train.batch_size, CPU_SAE_BATCH)
     data = synthetic_batches(BenchConfig(d_in=d_in, d_sae=min(d_sae, 4096), k=k, batch=batch, steps=3))
     steps: dict[str, float] = {}
-    for name in p.experiment.arms:
+    kl_token = harvest / tokens.numel() + 3 * forward / tokens.numel()  # clean pass; spliced forward + backward
+    for name in sorted(p.experiment.arms, key=lambda a: getattr(arms.get(a), "kl_finetune", False)):
         arm = arms.get(name)
+        if getattr(arm, "kl_finetune", False):  # its MSE steps are its base arm's; kl_frac of them are KL steps
+            base = next(c.name for c in type(arm).__mro__[1:] if getattr(c, "name", None) in steps)
+            steps[name] = steps[base] + p.train.kl_frac * p.train.batch_size * kl_token
+            continue
         cfg = arm.make_config(d_in=d_in, d_sae=d_sae, k=k, **({"beta": 1.0} if arm.hyperparameters else {}))
         tcfg = TrainConfig(tokens=batch, batch_size=batch, checkpoint_every=10**9, lr=p.train.lr)
         one = train_sae(arm, cfg, tcfg, data, progress=False, device=device).seconds  # warm-up and fixed costs
@@ -126,11 +134,11 @@ class StageProjection:
 
 def _specs(p: Profile) -> tuple[list, list]:
     """The validation trials and the grid the train stage will train, at a placeholder lr / beta: the lr grid per
-    arm and selection seed plus the per-arm length curve (edge extensions, at most ``selection.max_extensions`` per
-    arm, are not counted)."""
+    arm and selection seed plus the per-arm length curve, and with a dose-response each other beta's lr trials and
+    group (edge extensions, at most ``selection.max_extensions`` per arm or beta, are not counted)."""
     from .. import arms
-    from ..specs import experiment_specs
-    from ..stages.selection import length_curve_specs, lr_trial_specs
+    from ..specs import dose_specs, experiment_specs
+    from ..stages.selection import beta_arms, length_curve_specs, lr_trial_specs
 
     d = MODEL_SHAPES[p.model.name]["d_model"]
     chosen = {a: {hp: grid[0] for hp, grid in arms.get(a).hyperparameter_grid(p.experiment).items()}
@@ -139,7 +147,14 @@ def _specs(p: Profile) -> tuple[list, list]:
     trials = [s for a in p.experiment.arms for ss in lr_trial_specs(p, a, lrs, d, 1.0).values() for s in ss]
     trials += [s for a in p.experiment.arms for m, s in length_curve_specs(
         p, a, p.train.lr, p.selection.seeds[0], d, 1.0, p.selection.length_multipliers).items() if m != 1.0]
-    return trials, experiment_specs(p, d, 1.0, chosen, p.train.lr)
+    grid = experiment_specs(p, d, 1.0, chosen, p.train.lr)
+    if p.experiment.dose_seeds:  # the dose-response: every beta but one (which is chosen is not known yet)
+        for a in beta_arms(p):
+            grid += dose_specs(p, a, d, 1.0, {b: p.train.lr for b in sorted(p.experiment.beta_grid)[1:]})
+            if p.experiment.beta_select_encode != "none":
+                trials += [s for b in p.experiment.beta_grid[1:] for ss in lr_trial_specs(p, a, lrs, d, 1.0).values()
+                           for s in ss]  # each other beta's lr trials (the first beta's are the arm's own)
+    return trials, grid
 
 
 def steps_of(spec) -> int:
@@ -261,12 +276,16 @@ def project(p: Profile, costs: StepCosts) -> list[StageProjection]:
         n_grid * sae_bytes // 4 + p.eval.batch_contexts * T * shape["d_vocab"] * 4 * 3,
         f"spliced CE/KL on {lm_ctx['test']:,} test contexts ({lm_ctx['val']:,} val) x 2 encoders per SAE; "
         f"FVU/L0 on every row"))
-    n_c1 = sum(sp.k in p.experiment.primary_k for sp in grid) if p.eval.full_test else 0
+    from .. import arms
+
+    c1 = [sp for sp in grid if sp.k in p.experiment.primary_k] if p.eval.full_test else []
+    n_c1 = sum(len(p.eval.full_test_encoders) if arms.get(sp.arm).has_gradient_encoder else 1 for sp in c1)
     out.append(StageProjection(
         "full_test", ctx["test"] * T * (costs.harvest_s_per_token + n_c1 * costs.forward_s_per_token) if n_c1 else 0.0,
         0, p.eval.batch_contexts * T * shape["d_vocab"] * 4 * 3,
         n_c1 * sae_bytes // 4 + p.eval.batch_contexts * T * shape["d_vocab"] * 4 * 3,
-        f"plain-encode CE/KL of {n_c1} SAEs at the primary k on all {ctx['test']:,} test contexts (PREREG §4)"))
+        f"CE/KL of {len(c1)} SAEs at the primary k ({n_c1} splices: {', '.join(p.eval.full_test_encoders)} for a "
+        f"gradient arm) on all {ctx['test']:,} test contexts"))
     steer_rows = p.steering.n_latents * len(p.steering.alphas) * p.steering.n_contexts
     n_steered = sum(not p.steering.k_values or sp.k in p.steering.k_values for sp in grid)
     out.append(StageProjection(
