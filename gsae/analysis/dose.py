@@ -96,7 +96,7 @@ def render_dose(points: list[DosePoint]) -> str:
         return "—" if math.isnan(x) else format(x, fmt)
 
     def beta_cell(pt: DosePoint) -> str:
-        return "0 (TopK)" if not pt.tests else f"**{pt.beta:g}** (chosen)" if pt.chosen else f"{pt.beta:g}"
+        return "0 (TopK)" if not pt.tests else f"**{pt.beta:.3g}** (chosen)" if pt.chosen else f"{pt.beta:.3g}"
 
     cols = [("selection_changed_share (g)", "share of the k selections the gradient changes", ".1%"),
             ("delta_ce_all (plain)", "ΔCE, no labels (nats)", ".4f"), ("delta_ce_all (g)", "ΔCE, labels (nats)", ".4f"),

@@ -142,8 +142,8 @@ def render_answer(results: list[ClaimResult], pre: dict[str, Any], d_sae: int | 
     chosen = next((pt for pt in points if pt.chosen), None)
     if chosen is not None:
         share = chosen.means.get("selection_changed_share (g)", math.nan)
-        tail += (f" The g-SAE's β = {chosen.beta:g} was chosen on the validation split from "
-                 f"{', '.join(f'{pt.beta:g}' for pt in points if pt.tests)}; at it the gradient changes "
+        tail += (f" The g-SAE's β = {chosen.beta:.3g} was chosen on the validation split from "
+                 f"{', '.join(f'{pt.beta:.3g}' for pt in points if pt.tests)}; at it the gradient changes "
                  f"{100 * share:.0f}% of the {', '.join(str(k) for k in pre['primary_k'])} selected latents.")
     if checks:
         stable = ledger.length_stable(checks)
