@@ -56,9 +56,13 @@ def test_added_settings_keep_existing_cache_keys():
     for name, keys in {"default": ("644c659c78a6", "f869853adeb4", "6e62224b", "185d9168", "e6651d5b"),
                        "smoke": ("6671d4b09818", "134adfeec244", "8ce7f913", "6b32d091", "570e30aa")}.items():
         p = load_profile(name)
+        # Study v6 registered eval.full_test_encoders [plain, g] in both profiles: a changed setting, so a new key;
+        # at the setting's default the key is the one recorded before the setting existed.
+        before = dataclasses.replace(p.eval, full_test_encoders=("plain",))
+        assert config_hash(p.eval, "c", n=8) != config_hash(before, "c", n=8)
         assert (config_hash(p.model, p.data, p.harvest, "x"), config_hash(p.data, p.harvest.tokens,
                                                                          p.harvest.exclude_pos0, "m"),
-                config_hash(p.eval, "c", n=8), config_hash(p.steering, "c", n=8),
+                config_hash(before, "c", n=8), config_hash(p.steering, "c", n=8),
                 config_hash(p.probing, "c", n=8)) == keys
     owt = DataConfig(corpus="openwebtext", ctx_len=128)
     assert config_hash(owt) != config_hash(dataclasses.replace(owt, documents=5))

@@ -187,7 +187,7 @@ def _length_curve(p: Profile, lm, arm: str, lr: float, seed: int, d_in: int, gs:
     validation metrics keyed by the tokens trained."""
     specs = length_curve_specs(p, arm, lr, seed, d_in, gs, multipliers)
     res = _score(p, lm, list(specs.values()), progress)
-    return {str(scaled_tokens(p.train, m)): res[s.name] for m, s in specs.items()}
+    return {str(scaled_tokens(p.train, m)): res[s.name]["plain"] for m, s in specs.items()}
 
 
 def check_selection(p: Profile, sel: dict[str, Any], path: Path) -> dict[str, Any]:
