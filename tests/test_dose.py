@@ -92,3 +92,10 @@ def test_every_point_rests_on_the_seeds_all_groups_have():
     rs = [r for r in rows() if not (r["variant"] == "beta_3" and r["seed"] >= 2)]  # beta 3 trained seeds 0-1 only
     points = dose.evaluate_dose(PRE, rs, chosen_beta=1.0)
     assert {pt.seeds for pt in points} == {(0, 1)} and all(r.n == 2 for pt in points for r in pt.tests)
+
+
+def test_another_arms_dose_groups_add_no_point():
+    """A second gradient arm (the smoke profile's label-free one) that chose another beta has groups of its own."""
+    other = [{**r, "arm": "gsae_free", "variant": "beta_0.3"} for r in rows() if r["variant"] == "beta_3"]
+    points = dose.evaluate_dose(PRE, rows() + other, chosen_beta=1.0)
+    assert [pt.beta for pt in points] == [0.0, 0.1, 1.0, 3.0] and {pt.seeds for pt in points} == {(0, 1, 2, 3)}

@@ -40,10 +40,11 @@ class DosePoint(NamedTuple):
     """Each test of the named claims, paired with TopK on ``seeds`` (empty for TopK)."""
 
 
-def groups(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """{group: beta} of the dose-response groups present in ``rows``."""
+def groups(rows: list[dict[str, Any]], arm: str = TREATMENT) -> dict[str, float]:
+    """{group: beta} of ``arm``'s dose-response groups in ``rows`` (another gradient arm, e.g. the smoke profile's
+    label-free one, may have chosen another beta and so have other groups)."""
     return {r["variant"]: float(r["variant"][len(GROUP_PREFIX):]) for r in rows
-            if r["variant"].startswith(GROUP_PREFIX)}
+            if r["variant"].startswith(GROUP_PREFIX) and r["arm"] == arm}
 
 
 def evaluate_dose(prereg: dict[str, Any], rows: list[dict[str, Any]], chosen_beta: float | None,
