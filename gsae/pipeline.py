@@ -78,7 +78,7 @@ def check(p: Profile, dry_run: bool = False, emit=None) -> list[str]:
     return notes
 
 
-SELECTION_RECORDS = ("selection.json", "convergence.json")
+SELECTION_RECORDS = ("selection.json", "beta_selection.json", "convergence.json")
 """The selection and the convergence check (trained at the selected lr). The study registers these records as
 inputs, reused as they are (PREREG §1), like the pre-registration itself; ``--force`` keeps them and only
 ``--reselect`` recomputes them (under the profile's current settings, which for the default profile are not the

@@ -10,23 +10,22 @@ harvest and primary SAEs of seeds 0 and 1 under runs/default on this machine.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
 import torch
+from kl_test import ARMS, pair_specs  # docs/checks/kl_test.py: the same SAEs
 
 from gsae import io
 from gsae.config import load_profile
 from gsae.paths import results_dir
-from gsae.specs import SAESpec, sae_config, sae_dir
+from gsae.specs import sae_dir
 from gsae.stages._jobs import train_specs
 from gsae.stages._lm import load_lm
 from gsae.stages.evaluate import evaluate_specs
 from gsae.stages.harvest import reader
 
 SEEDS = (0, 1)
-ARMS = ("topk", "gsae", "topk_kl", "gsae_kl")
 
 
 def main() -> None:
@@ -37,13 +36,7 @@ def main() -> None:
     rd = reader(p, "train", lm.info["model_hash"])
     sel = io.read_json(results_dir(p) / "selection.json")
     beta = io.read_json(results_dir(p) / "beta_selection.json")["arms"]["gsae"]["beta"]
-    specs = {}
-    for seed in SEEDS:
-        for arm in ARMS:
-            group = "primary" if arm in ("topk", "gsae") else "kl_pilot"
-            own = {"beta": beta} if arm.startswith("gsae") else {}
-            specs[arm, seed] = SAESpec(group, arm, 32, seed, sae_config(p, arm, rd.d, 32, sel["grad_scale"], **own),
-                                       dataclasses.replace(p.train, seed=seed, lr=sel["lr"]["topk"]))
+    specs = pair_specs(p, rd.d, sel, beta, SEEDS)
     train_specs(p, lm, [s for s in specs.values() if s.group == "kl_pilot"], rd, progress=False)
     ev = evaluate_specs(p, lm, list(specs.values()), "val", progress=False)
     mh = lm.info["model_hash"]

@@ -30,6 +30,16 @@ SEEDS = tuple(range(8))
 ARMS = ("topk", "gsae", "topk_kl", "gsae_kl")
 
 
+def pair_specs(p, d_in: int, sel: dict, beta: float, seeds: tuple[int, ...]) -> dict[tuple[str, int], SAESpec]:
+    """{(arm, seed): spec} of ``ARMS``: the default run's primary TopK and g-SAE, and the KL arms (group kl_pilot)
+    specified as profiles/kl.yaml specifies them (the study's lr, beta and seeds)."""
+    return {(arm, seed): SAESpec("primary" if arm in ("topk", "gsae") else "kl_pilot", arm, 32, seed,
+                                 sae_config(p, arm, d_in, 32, sel["grad_scale"],
+                                            **({"beta": beta} if arm.startswith("gsae") else {})),
+                                 dataclasses.replace(p.train, seed=seed, lr=sel["lr"]["topk"]))
+            for seed in seeds for arm in ARMS}
+
+
 def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
@@ -38,13 +48,7 @@ def main() -> None:
     rd = reader(p, "train", lm.info["model_hash"])
     sel = io.read_json(results_dir(p) / "selection.json")
     beta = io.read_json(results_dir(p) / "beta_selection.json")["arms"]["gsae"]["beta"]
-    specs = {}
-    for seed in SEEDS:
-        for arm in ARMS:
-            own = {"beta": beta} if arm.startswith("gsae") else {}
-            specs[arm, seed] = SAESpec("primary" if arm in ("topk", "gsae") else "kl_pilot", arm, 32, seed,
-                                       sae_config(p, arm, rd.d, 32, sel["grad_scale"], **own),
-                                       dataclasses.replace(p.train, seed=seed, lr=sel["lr"]["topk"]))
+    specs = pair_specs(p, rd.d, sel, beta, SEEDS)
     kl_specs = [s for s in specs.values() if s.group == "kl_pilot"]
     train_specs(p, lm, kl_specs, rd, progress=False)
     t_train = time.time() - t0
