@@ -14,16 +14,11 @@ import time
 
 import numpy as np
 import torch
-from kl_test import ARMS, pair_specs  # docs/checks/kl_test.py: the same SAEs
+from kl_test import ARMS, trained_pairs  # docs/checks/kl_test.py: the same SAEs
 
 from gsae import io
-from gsae.config import load_profile
-from gsae.paths import results_dir
 from gsae.specs import sae_dir
-from gsae.stages._jobs import train_specs
-from gsae.stages._lm import load_lm
 from gsae.stages.evaluate import evaluate_specs
-from gsae.stages.harvest import reader
 
 SEEDS = (0, 1)
 
@@ -31,13 +26,7 @@ SEEDS = (0, 1)
 def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
-    p = load_profile("default")
-    lm = load_lm(p, progress=False)
-    rd = reader(p, "train", lm.info["model_hash"])
-    sel = io.read_json(results_dir(p) / "selection.json")
-    beta = io.read_json(results_dir(p) / "beta_selection.json")["arms"]["gsae"]["beta"]
-    specs = pair_specs(p, rd.d, sel, beta, SEEDS)
-    train_specs(p, lm, [s for s in specs.values() if s.group == "kl_pilot"], rd, progress=False)
+    p, lm, sel, beta, specs = trained_pairs(SEEDS)
     ev = evaluate_specs(p, lm, list(specs.values()), "val", progress=False)
     mh = lm.info["model_hash"]
     secs = {key: io.read_json(sae_dir(p, s, mh) / "train.json")["seconds"] for key, s in specs.items()}

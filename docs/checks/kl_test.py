@@ -40,17 +40,23 @@ def pair_specs(p, d_in: int, sel: dict, beta: float, seeds: tuple[int, ...]) -> 
             for seed in seeds for arm in ARMS}
 
 
-def main() -> None:
-    torch.set_num_threads(2)
-    t0 = time.time()
+def trained_pairs(seeds: tuple[int, ...]):
+    """The default profile, its LM, selection record and chosen beta, and ``pair_specs`` at ``seeds`` with the KL
+    arms trained (the others are the default run's)."""
     p = load_profile("default")
     lm = load_lm(p, progress=False)
     rd = reader(p, "train", lm.info["model_hash"])
     sel = io.read_json(results_dir(p) / "selection.json")
     beta = io.read_json(results_dir(p) / "beta_selection.json")["arms"]["gsae"]["beta"]
-    specs = pair_specs(p, rd.d, sel, beta, SEEDS)
-    kl_specs = [s for s in specs.values() if s.group == "kl_pilot"]
-    train_specs(p, lm, kl_specs, rd, progress=False)
+    specs = pair_specs(p, rd.d, sel, beta, seeds)
+    train_specs(p, lm, [s for s in specs.values() if s.group == "kl_pilot"], rd, progress=False)
+    return p, lm, sel, beta, specs
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    t0 = time.time()
+    p, lm, sel, beta, specs = trained_pairs(SEEDS)
     t_train = time.time() - t0
     scored = run_full_test(p, lm, list(specs.values()), progress=False)
     rows = [{"variant": "primary", "arm": arm, "k": 32, "seed": seed, "encode_mode": mode,
