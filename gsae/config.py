@@ -380,6 +380,12 @@ class RuntimeConfig:
     tf32: bool = True
     """On CUDA, float32 matmuls may use TF32 tensor cores (torch.set_float32_matmul_precision("high")): ~3x
     faster SAE steps, 10-bit mantissa products with float32 accumulation. Ignored on CPU."""
+    train_data: str = "auto"
+    """Where SAE training draws its batches from: ``memory`` loads the train split's shards once (each verified)
+    into the training device's memory and shuffles and slices every batch there, with no disk read or
+    host-to-device copy per batch; ``disk`` streams windows of shards from the harvest; ``auto`` is memory on a
+    GPU whose free memory holds the split twice over, else disk (on CPU the page cache already serves the shards
+    from memory). Both give the same batches bit for bit (``ActivationReader.held_in``)."""
     timeout_hours: float = 6.0
     """How long a collective of a torchrun launch waits for the slowest rank (the end-of-stage barriers wait
     while other ranks still train)."""
@@ -389,6 +395,8 @@ class RuntimeConfig:
                                                           and self.device[5:].isdigit()),
                  f"runtime.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.timeout_hours > 0, f"runtime.timeout_hours must be > 0, got {self.timeout_hours}")
+        _require(self.train_data in ("auto", "memory", "disk"),
+                 f"runtime.train_data must be auto, memory or disk, got {self.train_data!r}")
 
 
 @dataclass(frozen=True)

@@ -120,12 +120,29 @@ def summary(p: Profile) -> str:
             tests = "; ".join(
                 f"{t['test']} {'—' if t['estimate'] != t['estimate'] else _effect(t)}" for t in c["primary"])
             out.append(f"  {c['claim']} {c['title']}: {c['verdict'].upper()} ({tests})")
+    if times := stage_times(p):
+        out.append("stage times (the latest run of each, from runs.jsonl): " + "; ".join(times))
     notebooks = ROOT / "notebooks" if p.name == "default" else run_dir(p) / "notebooks"
     out += [f"notebooks: {rel(notebooks)}/  figures: {rel(figures_dir(p))}/ (headline.png)  full ledger: "
             f"{rel(results_dir(p) / 'claims.md')}",
             f"released SAEs: {rel(ROOT / 'saes' / p.name)}/  dashboards: {rel(results_dir(p) / 'dashboards')}/  "
             f"every trained SAE: {rel(run_dir(p) / 'saes')}/"]
     return "\n".join(out)
+
+
+def stage_times(p: Profile) -> list[str]:
+    """Each stage's latest ``stage_done`` record (``stages.timed``) in words: wall time, device, peak GPU memory."""
+    import json
+
+    path = results_dir(p) / "runs.jsonl"
+    latest: dict[str, dict] = {}
+    for line in path.read_text().splitlines() if path.exists() else ():
+        event = json.loads(line)
+        if event.get("event") == "stage_done":
+            latest[event["stage"]] = event
+    return [f"{e['stage']} {e['seconds'] / 60:.1f} min on {e['device']}"
+            + (f" (peak {e['peak_device_gib']:.2f} GiB allocated)" if "peak_device_gib" in e else "")
+            for e in sorted(latest.values(), key=lambda e: e["time"])]
 
 
 def _effect(t: dict) -> str:

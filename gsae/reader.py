@@ -6,7 +6,9 @@ Integrity: every shard's sha256 is checked against the manifest the first time a
 and the grid holds dozens of SAEs, so re-hashing each load would read the disk twice as often as the data.
 
 GPU runs: ``batches(device=cuda)`` loads the next window of shards in a background thread while the current
-one is consumed, and sends each batch through pinned memory, converting to float32 after the copy.
+one is consumed, and sends each batch through pinned memory, converting to float32 after the copy. A reader
+``held_in(device)`` keeps every shard on the device instead (loaded and verified once), so the same shuffles and
+slices run there: the same batches, bit for bit, with no disk read or copy per batch (``runtime.train_data``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class ActivationReader:
         self.n_tokens: int = int(manifest["n_tokens"])
         self.d: int = int(manifest["d_model"])
         self._verified: set[str] = set()
+        self._held: list[dict[str, Tensor]] | None = None
         if verify:
             missing = [s["file"] for s in self.shards if not (self.dir / s["file"]).exists()]
             if missing:
@@ -103,7 +106,27 @@ class ActivationReader:
         """``gradient_scale`` of this harvest's manifest."""
         return gradient_scale(self.manifest, gradient)
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the split's shard files (x, g, g_free and the row index as stored): what ``held_in`` keeps."""
+        return sum((self.dir / s["file"]).stat().st_size for s in self.shards)
+
+    def held_in(self, device: torch.device | str) -> ActivationReader:
+        """A reader of the same harvest whose shards are all loaded now (each verified against the manifest) and
+        kept on ``device`` in their stored dtype: every later read (batches, chunks, statistics) is served from
+        there, with the same shuffles, so the same values as reading the disk."""
+        held = ActivationReader(self.dir, verify=self.verify)
+        held._held = [{k: v.to(device) for k, v in self._load(i).items()} for i in range(len(self.shards))]
+        return held
+
+    @property
+    def held_device(self) -> torch.device | None:
+        """The device ``held_in`` put the shards on (None: read from the disk)."""
+        return None if not self._held else self._held[0]["x"].device
+
     def _load(self, i: int) -> dict[str, Tensor]:
+        if self._held is not None:
+            return self._held[i]
         name = self.shards[i]["file"]
         sha = self.manifest["files"][name] if self.verify and name not in self._verified else None
         out = load_tensors(self.dir / name, sha256=sha, rebuild_hint=rebuild_hint(self.dir))
@@ -126,6 +149,7 @@ class ActivationReader:
             if x.shape[0] != perm.numel():
                 raise IntegrityError(f"shards {group} of {self.dir} hold {x.shape[0]} rows, the manifest says "
                                      f"{perm.numel()}; {rebuild_hint(self.dir)}")
+            perm = perm.to(x.device)  # drawn on the CPU generator either way: the same order on any device
             return x[perm], g[perm]
 
         with ThreadPoolExecutor(1) if prefetch else _Inline() as pool:
@@ -161,7 +185,7 @@ class ActivationReader:
             raise ValueError(f"nothing to read: epochs={epochs}, n_tokens={n_tokens}")
         gpu = device is not None and device.type != "cpu"
         rest_x = rest_g = None
-        for x, g in self._windows(seed, window, prefetch=gpu, gradient=gradient):
+        for x, g in self._windows(seed, window, prefetch=gpu and self._held is None, gradient=gradient):
             if rest_x is not None:
                 x, g = torch.cat([rest_x, x]), torch.cat([rest_g, g])
             start = 0

@@ -14,7 +14,8 @@ def test_cpu_dry_run_passes_every_check_and_writes_json(tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
     assert gpu_check.cli(["--cpu-dry", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert [r["check"] for r in res["results"]] == ["placement", "storage", "speed", "agreement", "splice"]
+    assert [r["check"] for r in res["results"]] == ["placement", "storage", "held", "speed", "agreement",
+                                                       "splice"]
     assert all(r["ok"] for r in res["results"]) and res["device"] == "cpu"
     text = capsys.readouterr().out
     assert "PASS  storage: float16: rel. error" in text and "projection for profile smoke on cpu" in text

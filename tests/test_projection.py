@@ -83,3 +83,19 @@ def test_costs_are_measured_on_this_machine_at_a_small_shape():
               *costs.sae_step_s.values()]
     assert all(math.isfinite(v) and v > 0 for v in values), costs
     assert set(costs.sae_step_s) == set(p.experiment.arms)
+
+
+def test_the_dry_run_says_where_training_reads_the_train_split(monkeypatch):
+    """The scale profile's train split by hand: 2,598,358 rows x (x and g at d 576 in float16 + 3 int64) = 6.05 GB;
+    auto holds it on a GPU with twice that free, not on one with less, nor on the CPU."""
+    import torch
+
+    p = load_profile("scale")
+    assert p.harvest.tokens["train"] * (2 * 576 * 2 + 3 * 8) == 6_048_977_424
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80_000_000_000, 85_000_000_000))
+    assert projection.train_data_line(p, gpu) == ("train split for SAE training: 6.0 GB as stored; runtime.train_data "
+                                                  "auto: held in the device's memory (80.0 GB free on cuda:0 now)")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12_000_000_000, 85_000_000_000))
+    assert projection.train_data_line(p, gpu).endswith("auto: read from the disk cache (12.0 GB free on cuda:0 now)")
+    assert projection.train_data_line(p, torch.device("cpu")).endswith("auto: read from the disk cache")

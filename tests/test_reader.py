@@ -98,3 +98,61 @@ def test_windows_follow_the_documented_stream(harvested, prefetch):
     for x, g in ref:
         xa, ga = next(got)
         assert torch.equal(xa, x) and torch.equal(ga, g)
+
+
+def test_a_held_split_gives_the_disk_batches_without_reading_the_disk(harvested, monkeypatch):
+    """``held_in`` loads every shard once; then batches across epochs and windows, chunks and statistics are the
+    disk reader's, bit for bit, and no file is opened again."""
+    disk = R.ActivationReader(harvested)
+    n = 3 * disk.n_tokens + 17  # three epochs and a bit, batches that straddle windows and epochs
+    ref_batches = list(disk.batches(64, seed=7, n_tokens=n))
+    held = disk.held_in("cpu")
+    assert held.held_device == torch.device("cpu") and disk.held_device is None
+    monkeypatch.setattr(R, "load_tensors", lambda *a, **k: pytest.fail("a held split read a shard from disk"))
+    for (xa, ga), (xb, gb) in zip(held.batches(64, seed=7, n_tokens=n), ref_batches, strict=True):
+        assert xa.dtype == torch.float32 and torch.equal(xa, xb) and torch.equal(ga, gb)
+    monkeypatch.undo()
+    ref = disk.load_all()
+    assert torch.equal(torch.cat([c.x for c in held.chunks(64)]), ref.x)
+    assert torch.equal(held.statistics().mean, disk.statistics().mean)
+
+
+def test_holding_a_split_verifies_every_shard_first(harvested, tmp_path):
+    import shutil
+
+    copy = tmp_path / "h"
+    shutil.copytree(harvested, copy)
+    shard = copy / R.ActivationReader(copy).shards[4]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(io.IntegrityError, match=shard.name):
+        R.ActivationReader(copy).held_in("cpu")
+
+
+def test_where_training_holds_the_split(harvested, monkeypatch):
+    """runtime.train_data: disk never holds it, memory always (refused when it cannot fit on the GPU), auto only
+    on a GPU with twice the split free (the GPU's free memory is stood in for)."""
+    import dataclasses
+
+    from gsae.config import ConfigError, RuntimeConfig, load_profile
+    from gsae.stages.harvest import holds_in_memory, training_data
+
+    rd = R.ActivationReader(harvested)
+    need = rd.stored_bytes
+    assert need == sum((harvested / s["file"]).stat().st_size for s in rd.shards) > 0
+    base = load_profile("smoke")
+    mode = lambda m: dataclasses.replace(base, runtime=RuntimeConfig(device="cpu", train_data=m))  # noqa: E731
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert training_data(mode("disk"), rd, cpu) is rd and training_data(mode("auto"), rd, cpu) is rd
+    held = training_data(mode("memory"), rd, cpu)
+    assert held.held_device == cpu and training_data(mode("memory"), rd, cpu) is held  # loaded once per process
+    for free, auto in [(2 * need, True), (2 * need - 1, False)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 << 30))
+        assert holds_in_memory(mode("auto"), rd, gpu) is auto
+        assert holds_in_memory(mode("memory"), rd, gpu) and not holds_in_memory(mode("disk"), rd, gpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 1, 80 << 30))
+    with pytest.raises(ConfigError, match="does not fit in cuda:0's free memory.*runtime.train_data: disk"):
+        holds_in_memory(mode("memory"), rd, gpu)
+    with pytest.raises(ValueError, match="runtime.train_data must be auto, memory or disk"):
+        RuntimeConfig(train_data="gpu")

@@ -7,7 +7,10 @@ previous stages' outputs, writes its own (skipping what a manifest marks done, s
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from .. import distributed
@@ -40,11 +43,34 @@ def run(stage: str, p: Profile, lm=None, progress: bool = True) -> Any:
     with distributed.main_first():  # rank 0 loads (and on first use converts) the LM first
         lm = lm or load_lm(p, progress)
     module = importlib.import_module(f"{__name__}.{stage}")
-    if stage not in ON_GRID:
-        return module.run(p, lm, progress=progress)
-    from .selection import all_specs
+    with timed(p, stage, lm):
+        if stage not in ON_GRID:
+            return module.run(p, lm, progress=progress)
+        from .selection import all_specs
 
-    specs = all_specs(p, lm)
-    for needed in NEEDS.get(stage, ()):
-        importlib.import_module(f"{__name__}.{needed}").run(p, lm, specs, progress=progress)
-    return module.run(p, lm, specs, progress=progress)
+        specs = all_specs(p, lm)
+        for needed in NEEDS.get(stage, ()):
+            importlib.import_module(f"{__name__}.{needed}").run(p, lm, specs, progress=progress)
+        return module.run(p, lm, specs, progress=progress)
+
+
+@contextlib.contextmanager
+def timed(p: Profile, stage: str, lm) -> Iterator[None]:
+    """Record a finished stage in the runs registry (``results/<profile>/runs.jsonl``): its wall seconds and
+    device, and on a GPU the peak memory torch allocated there during it (``pipeline.summary`` prints them)."""
+    import torch
+
+    from ..io import registry_append
+    from ..runtime import module_device
+
+    device = module_device(lm.model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    yield
+    event = {"event": "stage_done", "stage": stage, "seconds": round(time.perf_counter() - started, 1),
+             "device": str(device)}
+    if device.type == "cuda":
+        event["peak_device_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if distributed.is_main():
+        registry_append(p, event)

@@ -19,6 +19,7 @@ from ..io import registry_append
 from ..progress import bar
 from ..specs import SAESpec, sae_dir
 from .evaluate import evaluate_specs
+from .harvest import training_data
 
 
 def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str, progress: bool = True,
@@ -35,9 +36,11 @@ def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str,
     todo = [(s, out) for s, out in zip(specs, outs, strict=True) if io.read_manifest(out) is None]
     if not todo:
         return outs
+    data = training_data(p, train_reader, device)
     for s, _ in todo:
         registry_append(p, {"event": "train_start", "sae": s.name, "sae_cfg": dataclasses.asdict(s.sae),
-                            "train_cfg": recorded_train_cfg(s.train)})
+                            "train_cfg": recorded_train_cfg(s.train),
+                            "train_data": "memory" if data.held_device is not None else "disk"})
     if len({stream_key(s) for s, _ in todo}) > 1:
         raise ValueError(f"train_group needs SAEs that share one batch stream, got {[s.name for s, _ in todo]}")
     first = todo[0][0]
@@ -46,8 +49,8 @@ def train_group(p: Profile, specs: list[SAESpec], train_reader, model_hash: str,
     cap = train_norm_cap(train_reader, t.max_norm_factor) if t.max_norm_factor else None
 
     def stream():
-        for x, g in train_reader.batches(t.batch_size, seed=t.seed, n_tokens=n, device=device,
-                                         gradient=first.arm_impl.gradient):
+        for x, g in data.batches(t.batch_size, seed=t.seed, n_tokens=n, device=device,
+                                 gradient=first.arm_impl.gradient):
             if cap is not None:  # massive-activation rows stay out of training (PREREG §2)
                 keep = x.norm(dim=-1) <= cap
                 x, g = x[keep], g[keep]

@@ -10,6 +10,7 @@ Checks, each printed as PASS / FAIL with its numbers (exit status 1 if any fails
    the float32 capture of the same contexts on the same device;
 3. speed: TopK and g-SAE training steps at the paper's shape (d_in 768, d_sae 24,576, k 32, batch 4,096): ms per
    step and peak memory, with the LM's harvest and forward costs (``gsae.projection.measure_costs``);
+   held: the same harvest held in the device's memory gives the disk reader's batches bit for bit;
 4. agreement: an SAE trained 5 steps on the CPU and on the GPU from the same seed and batches ends with close
    weights (float32 on both: TF32 off for this check);
 5. splice: the spliced evaluation (``gsae.evals.evaluate_saes``) on the GPU agrees with the CPU's;
@@ -95,6 +96,29 @@ def check_storage(model, device: torch.device, shape: CheckShape, hook: str) -> 
                                             for k, (ex, eg) in errors.items()) + " (limits 2e-3 fp16, 1e-2 bf16)")
 
 
+def check_held(model, device: torch.device, shape: CheckShape, hook: str) -> dict[str, Any]:
+    """A float16 split held in the device's memory (``ActivationReader.held_in``, ``runtime.train_data``) gives
+    the disk reader's batches on the device, bit for bit, over more than one epoch."""
+    from ..config import HarvestConfig
+    from ..harvest import ActivationReader, harvest
+
+    tokens = torch.randint(0, model.cfg.d_vocab, (shape.contexts, shape.ctx_len),
+                           generator=torch.Generator().manual_seed(2))
+    n = shape.contexts * (shape.ctx_len - 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = HarvestConfig(batch_contexts=shape.contexts, shard_tokens=max(n // 4, 1), dtype="float16")
+        harvest(model, tokens, hook, tmp, n_tokens=n, cfg=cfg, progress=False)
+        disk = ActivationReader(tmp)
+        held = disk.held_in(device)
+        kw = {"batch_size": max(n // 5, 1), "seed": 3, "n_tokens": 2 * n + 7, "device": device}
+        pairs = list(zip(disk.batches(**kw), held.batches(**kw), strict=True))
+    same = all(torch.equal(a, b) for (xa, ga), (xb, gb) in pairs for a, b in ((xa, xb), (ga, gb)))
+    where = {t.device for (xa, ga), (xb, gb) in pairs for t in (xa, xb, gb)}
+    ok = same and {w.type for w in where} == {device.type}
+    return _result("held", ok, f"{len(pairs)} batches from the disk and from {device}'s memory: "
+                   f"{'identical' if same else 'DIFFERENT'}; on {sorted(map(str, where))}")
+
+
 def check_agreement(device: torch.device, shape: CheckShape, d_in: int) -> dict[str, Any]:
     from ..config import SAEConfig, TrainConfig
     from ..train import train_sae
@@ -154,7 +178,8 @@ def run(device: torch.device, shape: CheckShape = CheckShape()) -> dict[str, Any
     configure(p.runtime, device)
     model = random_gpt2(seed=0, device=device, **shape.lm)
     hook = f"blocks.{shape.layer}.hook_resid_pre"
-    results = [check_placement(model, device), check_storage(model, device, shape, hook)]
+    results = [check_placement(model, device), check_storage(model, device, shape, hook),
+               check_held(model, device, shape, hook)]
     costs = projection.measure_costs(p, device)
     steps = ", ".join(f"{a} {s * 1e3:,.1f} ms/step" for a, s in costs.sae_step_s.items())
     peaks = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in costs.gpu_peak_bytes.items()) or "n/a on cpu"

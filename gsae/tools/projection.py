@@ -324,9 +324,21 @@ def format_projection(p: Profile, costs: StepCosts, stages: list[StageProjection
     return lines
 
 
+def train_data_line(p: Profile, device: torch.device) -> str:
+    """Where SAE training will read the train split from (``runtime.train_data``, ``stages.harvest.holds``)."""
+    from ..stages.harvest import holds
+
+    need = p.harvest.tokens["train"] * harvest_row_bytes(p)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    where = "held in the device's memory" if holds(p.runtime.train_data, need, free) else "read from the disk cache"
+    return (f"train split for SAE training: {_gb(need)} as stored; runtime.train_data {p.runtime.train_data}: "
+            f"{where}" + (f" ({_gb(free)} free on {device} now)" if free is not None else ""))
+
+
 def dry_run(p: Profile) -> list[str]:
-    """The projection table for ``p``, from costs measured on its resolved device."""
+    """The projection table for ``p``, from costs measured on its resolved device, and where training reads."""
     from ..runtime import resolve_device
 
-    costs = measure_costs(p, resolve_device(p.runtime.device))
-    return format_projection(p, costs, project(p, costs))
+    device = resolve_device(p.runtime.device)
+    costs = measure_costs(p, device)
+    return [*format_projection(p, costs, project(p, costs)), train_data_line(p, device)]
