@@ -7,7 +7,9 @@ availability, disk; with ``--dry-run`` also the projected disk, memory and time 
 selection records), ``summary`` (the verdicts in words and where everything is) and ``claims --check`` (are the
 README's answer, its claims table and claims.md what the committed metrics give? no LM needed). run_all.sh uses
 check / clean / summary and runs the stages through the notebooks. ``extend-convergence --lengths 4 8`` continues
-the convergence curve to those multiples of the primary length (exploratory: no verdict reads it).
+the convergence curve to those multiples of the primary length (exploratory: no verdict reads it). ``adopt --from
+SOURCE`` links another profile's caches into this one's where their configs make them interchangeable
+(``gsae.adopt``: ``robustness`` and ``kl`` start from the default run's harvest and SAEs).
 
 Several processes: ``torchrun --nproc_per_node=N -m gsae.pipeline STAGE --profile P`` (``harvest`` shards the
 harvest by rank, ``train`` spreads the SAE grid; README, "Scaling up"). ``--device`` overrides
@@ -169,7 +171,7 @@ def setup(profile: str, device: str | None = None) -> Profile:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gsae.pipeline", description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("check", "clean", "summary", "extend-convergence") + ORDER)
+    ap.add_argument("command", choices=("check", "clean", "summary", "extend-convergence", "adopt") + ORDER)
     ap.add_argument("--profile", default="default")
     ap.add_argument("--dry-run", action="store_true", help="check only: validate without needing the model/GPU")
     ap.add_argument("--check", action="store_true",
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                          "metrics.jsonl, without the LM")
     ap.add_argument("--reselect", action="store_true",
                     help="clean: also drop the selection and convergence records, so that they are recomputed")
+    ap.add_argument("--from", dest="source", help="adopt only: the profile whose caches are linked in (gsae.adopt)")
     ap.add_argument("--device", help="override runtime.device: auto, cpu, cuda or cuda:N")
     ap.add_argument("--lengths", type=float, nargs="+", default=(4.0, 8.0),
                     help="extend-convergence: multiples of the primary training length")
@@ -191,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             check(p, a.dry_run, emit=lambda line: print(line, flush=True))
         elif a.command == "clean":
             clean(p, a.reselect)
+        elif a.command == "adopt":
+            from .adopt import adopt, describe
+
+            if not a.source:
+                raise ConfigError("adopt needs --from PROFILE: the profile whose caches are linked in")
+            source = load_checked_profile(a.source)
+            print(describe(adopt(p, source), p, source))
         elif a.command == "summary":
             print(summary(p))
         elif a.command == "claims" and a.from_results:
