@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import ConfigError, Profile
 from .io import registry_append
-from .paths import results_dir, run_dir
+from .paths import ROOT, results_dir, run_dir
 
 SAME = ("model", "data", "harvest", "eval")
 """Sections that must be equal: the harvest and contexts they key, and the rules training and evaluation share
@@ -110,7 +110,8 @@ def adopt(target: Profile, source: Profile) -> dict[str, Any]:
 
 def describe(done: dict[str, Any], target: Profile, source: Profile) -> str:
     records = ", ".join(done["records"]) or "none"
-    return (f"adopted from {source.name} into {run_dir(target)}: {done['adopted']} caches linked, {done['kept']} "
+    where = run_dir(target).relative_to(ROOT).as_posix()
+    return (f"adopted from {source.name} into {where}: {done['adopted']} caches linked, {done['kept']} "
             f"already there kept; records copied: {records}")
 
 

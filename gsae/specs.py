@@ -111,8 +111,7 @@ def experiment_specs(p: Profile, d_in: int, grad_scale: float, chosen: dict[str,
                     specs.append(SAESpec(variant, name, k, s, cfg(name, k, **over), train(name, s)))
             specs += [SAESpec("auxk_off", name, k, s, cfg(name, k), train(name, s, aux_coef=0.0)) for name in e.arms]
     if p.variants.threads:
-        n = p.variants.threads
-        specs += [SAESpec(f"threads_{n}", name, k, s, cfg(name, k), train(name, s, threads=n))
+        specs += [SAESpec(threads_group(p), name, k, s, cfg(name, k), train(name, s, threads=p.variants.threads))
                   for k in primary_k for s in (p.variants.seeds or e.seeds) for name in e.arms]
     if p.variants.length_multiplier:
         tokens = scaled_tokens(p.train, p.variants.length_multiplier)
@@ -133,6 +132,11 @@ def dose_specs(p: Profile, arm: str, d_in: int, grad_scale: float, lr_by_beta: d
 def scaled_tokens(train: TrainConfig, multiplier: float) -> int:
     """``multiplier`` x the training length, rounded to whole batches (at least one)."""
     return max(1, round(multiplier * train.tokens / train.batch_size)) * train.batch_size
+
+
+def threads_group(p: Profile) -> str:
+    """The group name of the rerun on ``variants.threads`` CPU threads, e.g. "threads_1" ("" without one)."""
+    return f"threads_{p.variants.threads}" if p.variants.threads else ""
 
 
 def length_group(p: Profile) -> str:

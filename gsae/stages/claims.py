@@ -15,7 +15,7 @@ from ..analysis import ledger, readme, report
 from ..analysis.rows import TREATMENT, load_metrics
 from ..config import Profile
 from ..paths import results_dir
-from ..specs import SAESpec, length_group
+from ..specs import SAESpec, length_group, threads_group
 from . import metrics
 from .selection import relative_change
 
@@ -33,7 +33,7 @@ def _at_root(rel: str | Path | None, default: str) -> Path:
 
 def prereg_for(p: Profile, path: Path | None = None) -> dict[str, Any]:
     """The pre-registration as it applies to ``p`` (``report.prereg_for``)."""
-    variants = tuple(v for v in ((f"threads_{p.variants.threads}" if p.variants.threads else ""), length_group(p)) if v)
+    variants = tuple(v for v in (threads_group(p), length_group(p)) if v)
     return report.prereg_for(p.name, list(p.experiment.primary_k or p.experiment.k_grid), list(p.experiment.k_grid),
                              length_group(p), p.variants.length_multiplier, list(p.variants.length_seeds),
                              ledger.load_prereg(_at_root(path, PREREG)), variants)
