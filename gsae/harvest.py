@@ -332,11 +332,11 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
     contexts_sha = hashlib.sha256(contexts.numpy().tobytes()).hexdigest()
     plan_record = {"plan": dataclasses.asdict(plan), "hook_name": hook_name, "dtype": cfg.dtype,
                    "batch_contexts": cfg.batch_contexts, "contexts_sha256": contexts_sha, "meta": meta}
-    plan_hash = hashlib.sha256(json.dumps(plan_record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    plan_hash = _plan_hash(plan_record)
 
     existing = read_manifest(out_dir)
     if existing is not None:
-        if existing.get("plan_hash") != plan_hash:
+        if plan_hash != existing.get("plan_hash") != _plan_hash(_as_made(plan_record, existing)):
             raise ValueError(f"{out_dir} already holds a complete harvest of different inputs or settings "
                              f"(plan {existing.get('plan_hash')} != {plan_hash}); delete it or use another directory")
         try:
@@ -378,6 +378,21 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
         _write_harvest_manifest(out_dir, plan, plan_hash, contexts_sha, hook_name, d, cfg, meta, reused)
     distributed.barrier()  # the other ranks return once the manifest exists
     return read_manifest(out_dir)
+
+
+NAME_ONLY = ("profile",)
+"""Entries of a harvest's ``meta`` that name who made it and change none of its bytes: a complete harvest made
+under another profile's name (``gsae.adopt``) serves this one when everything else of its plan is the same."""
+
+
+def _plan_hash(plan_record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(plan_record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _as_made(plan_record: dict[str, Any], existing: dict[str, Any]) -> dict[str, Any]:
+    """``plan_record`` with the ``NAME_ONLY`` entries the existing harvest was made under."""
+    made = existing.get("meta") or {}
+    return {**plan_record, "meta": {**plan_record["meta"], **{k: made[k] for k in NAME_ONLY if k in made}}}
 
 
 def _write_harvest_manifest(out_dir: Path, plan: ShardPlan, plan_hash: str, contexts_sha: str, hook_name: str,

@@ -218,6 +218,19 @@ def test_complete_harvest_is_returned_without_recomputing(model, harvested, monk
         H.harvest(model, CTX, HOOK, out, n_tokens=100, cfg=CFG, meta={"model": "other"}, progress=False)
 
 
+def test_a_harvest_made_under_another_profiles_name_serves_when_all_else_is_equal(model, tmp_path, monkeypatch):
+    """gsae.adopt links the default run's harvest into another profile: only the maker's name may differ."""
+    made = {"model": "tiny-0", "profile": "default"}
+    first = H.harvest(model, CTX, HOOK, tmp_path, n_tokens=100, cfg=CFG, meta=made, progress=False)
+    monkeypatch.setattr(H, "capture", lambda *a, **k: pytest.fail("an adopted harvest must not recompute"))
+    again = H.harvest(model, CTX, HOOK, tmp_path, n_tokens=100, cfg=CFG, meta={**made, "profile": "kl"},
+                      progress=False)
+    assert again == first and again["meta"]["profile"] == "default"  # it still says who made it
+    for other in ({**made, "model": "tiny-1"}, {**made, "profile": "kl", "split": "val"}):
+        with pytest.raises(ValueError, match="different inputs or settings"):
+            H.harvest(model, CTX, HOOK, tmp_path, n_tokens=100, cfg=CFG, meta=other, progress=False)
+
+
 def test_corrupted_shard_is_detected_and_rebuilt(model, harvested, tmp_path):
     out, manifest = harvested
     work = tmp_path / "h"
