@@ -307,6 +307,7 @@ def test_the_train_stage_trains_saves_and_reloads_the_kl_arms_beside_their_plain
     class Reader:
         manifest = {"n_contexts": len(lm.contexts), "plan_hash": "x"}
         dir = tmp_path / "harvest"
+        held_device = None  # read from "disk": the stream below
 
         def batches(self, batch_size, seed, n_tokens, device=None, gradient="g"):
             return iter(list(stream(lm, seed)())[:n_tokens // batch_size])

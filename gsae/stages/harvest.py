@@ -35,7 +35,7 @@ def holds_in_memory(p: Profile, train_reader: harvest_lib.ActivationReader, devi
     """Whether SAE training holds the train split in ``device``'s memory (``runtime.train_data``): always with
     ``memory`` (refused when the split is larger than the device's free memory), never with ``disk``, and with
     ``auto`` on a GPU whose free memory is at least twice the split's stored size."""
-    if p.runtime.train_data == "disk":
+    if p.runtime.train_data == "disk" or (p.runtime.train_data == "auto" and device.type != "cuda"):
         return False
     need = train_reader.stored_bytes
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
