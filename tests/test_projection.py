@@ -99,3 +99,22 @@ def test_the_dry_run_says_where_training_reads_the_train_split(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12_000_000_000, 85_000_000_000))
     assert projection.train_data_line(p, gpu).endswith("auto: read from the disk cache (12.0 GB free on cuda:0 now)")
     assert projection.train_data_line(p, torch.device("cpu")).endswith("auto: read from the disk cache")
+
+
+def test_a_held_train_split_counts_in_the_gpu_memory_of_selection_and_training(monkeypatch):
+    import gsae.runtime
+
+    p = load_profile("scale")
+    costs = dataclasses.replace(COSTS, sae_step_s={"topk": 1.0, "gsae": 2.0, "topk_kl": 3.0})
+    monkeypatch.setattr(projection, "measure_costs", lambda p, device: costs)
+    monkeypatch.setattr(gsae.runtime, "resolve_device", lambda name: torch.device("cuda", 0))
+    plain = {s.name: s.gpu for s in projection.project(p, costs)}
+    for free, extra in [(80_000_000_000, 6_048_977_424), (10_000_000_000, 0)]:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 85_000_000_000))
+        lines = projection.dry_run(p)
+        rows = {line.split()[0]: line for line in lines[2:-2]}
+        for stage, gpu in plain.items():
+            shown = projection._gb(gpu + (extra if stage in ("select", "train") else 0))
+            assert shown in rows[stage], (stage, shown, rows[stage])
+        assert lines[-1].endswith("held in the device's memory (80.0 GB free on cuda:0 now)" if extra else
+                                  "read from the disk cache (10.0 GB free on cuda:0 now)")

@@ -324,21 +324,34 @@ def format_projection(p: Profile, costs: StepCosts, stages: list[StageProjection
     return lines
 
 
-def train_data_line(p: Profile, device: torch.device) -> str:
-    """Where SAE training will read the train split from (``runtime.train_data``, ``stages.harvest.holds``)."""
+def held_train_split(p: Profile, device: torch.device) -> tuple[int, int | None, bool]:
+    """The train split's stored bytes, the device's free bytes (None on the CPU) and whether SAE training will hold
+    the split in the device's memory (``runtime.train_data``, ``stages.harvest.holds``)."""
     from ..stages.harvest import holds
 
     need = p.harvest.tokens["train"] * harvest_row_bytes(p)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    where = "held in the device's memory" if holds(p.runtime.train_data, need, free) else "read from the disk cache"
+    return need, free, holds(p.runtime.train_data, need, free)
+
+
+def train_data_line(p: Profile, device: torch.device) -> str:
+    """Where SAE training will read the train split from, in words."""
+    need, free, held = held_train_split(p, device)
+    where = "held in the device's memory" if held else "read from the disk cache"
     return (f"train split for SAE training: {_gb(need)} as stored; runtime.train_data {p.runtime.train_data}: "
             f"{where}" + (f" ({_gb(free)} free on {device} now)" if free is not None else ""))
 
 
 def dry_run(p: Profile) -> list[str]:
-    """The projection table for ``p``, from costs measured on its resolved device, and where training reads."""
+    """The projection table for ``p``, from costs measured on its resolved device (a held train split counted in
+    the GPU memory of selection and training), and where training reads."""
     from ..runtime import resolve_device
 
     device = resolve_device(p.runtime.device)
     costs = measure_costs(p, device)
-    return [*format_projection(p, costs, project(p, costs)), train_data_line(p, device)]
+    stages = project(p, costs)
+    need, _, held = held_train_split(p, device)
+    for s in stages:
+        if held and s.name in ("select", "train"):
+            s.gpu += need
+    return [*format_projection(p, costs, stages), train_data_line(p, device)]
