@@ -40,10 +40,10 @@ def _selects_alike(a: Profile, b: Profile) -> bool:
 
 def records_to_copy(target: Profile, source: Profile) -> tuple[str, ...]:
     """The source's records the target takes over (``pipeline.SELECTION_RECORDS``, by the rules above)."""
-    out = ("selection.json", "convergence.json") if _selects_alike(target, source) else ()
-    if _selects_alike(target, source) and target.experiment == source.experiment:
-        out += ("beta_selection.json",)
-    return out
+    if not _selects_alike(target, source):
+        return ()
+    same_betas = target.experiment == source.experiment
+    return ("selection.json", "convergence.json") + (("beta_selection.json",) if same_betas else ())
 
 
 def units(source_run: Path) -> list[Path]:

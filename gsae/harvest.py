@@ -336,7 +336,7 @@ def harvest(model: HookedTransformer, contexts_tokens: Tensor, hook_name: str, o
 
     existing = read_manifest(out_dir)
     if existing is not None:
-        if plan_hash != existing.get("plan_hash") != _plan_hash(_as_made(plan_record, existing)):
+        if existing.get("plan_hash") not in (plan_hash, _plan_hash(_as_made(plan_record, existing))):
             raise ValueError(f"{out_dir} already holds a complete harvest of different inputs or settings "
                              f"(plan {existing.get('plan_hash')} != {plan_hash}); delete it or use another directory")
         try:

@@ -94,6 +94,14 @@ def run_stage(root: Path, profile: Path, stage: str) -> int:
     return pipeline.main([stage, "--profile", str(profile)])
 
 
+def sae_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every trained SAE's weights under ``root``, by its spec name (group/arm-k-seed[-label])."""
+    from gsae.io import sha256_file
+
+    (top,) = (root / "runs" / "scale" / "saes").iterdir()
+    return {str(p.parent.parent.relative_to(top)): sha256_file(p) for p in sorted(top.rglob("sae_weights.safetensors"))}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import yaml
+from scale_helpers import sae_hashes
 
-from gsae.io import sha256_file
 from gsae.tools import bundle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,11 +91,6 @@ def run_stage(project: Path, root: Path, profile: Path, stage: str) -> str:
                          timeout=300)
     assert res.returncode == 0, (stage, res.stdout[-3000:], res.stderr[-6000:])
     return res.stdout
-
-
-def sae_hashes(root: Path) -> dict[str, str]:
-    (top,) = (root / "runs" / "scale" / "saes").iterdir()
-    return {str(p.parent.parent.relative_to(top)): sha256_file(p) for p in sorted(top.rglob("sae_weights.safetensors"))}
 
 
 def full_test_numbers(root: Path) -> dict[str, dict]:

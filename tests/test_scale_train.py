@@ -9,15 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scale_helpers import finish, launch, run_stage, write_profile
-
-from gsae.io import sha256_file
-
-
-def sae_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every trained SAE's weights, by its spec name (group/arm-k-seed[-label])."""
-    (top,) = (root / "runs" / "scale" / "saes").iterdir()
-    return {str(p.parent.parent.relative_to(top)): sha256_file(p) for p in sorted(top.rglob("sae_weights.safetensors"))}
+from scale_helpers import finish, launch, run_stage, sae_hashes, write_profile
 
 
 def selection(root: Path) -> dict:
